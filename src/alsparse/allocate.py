@@ -1,0 +1,227 @@
+"""Allocation orchestration: units, the dense pass 1, and the registry of allocators.
+
+An allocator turns an :class:`AllocationContext` into one sparsity per unit. Whatever data it
+needs (RM feature summaries, Wanda scores, weights) is declared in ``needs`` and collected here
+in a single dense stream over the blocks; the math lives in ``alsparse.allocation``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .config import Pattern, PruneConfig
+from .models import decoder_blocks, find_linears
+from .registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What one allocated ratio applies to: a block, or one linear of a block."""
+
+    name: str  # "model.layers.3" or "model.layers.3.mlp.down_proj"
+    block: int
+    linears: tuple[str, ...]  # linear paths inside the block
+    size: int  # prunable weights
+
+
+def block_prefix(model: nn.Module) -> str:
+    from .models import BLOCK_PATHS, family
+
+    return BLOCK_PATHS[family(model)]
+
+
+def make_units(model: nn.Module, level: str) -> list[Unit]:
+    prefix = block_prefix(model)
+    units = []
+    for i, block in enumerate(decoder_blocks(model)):
+        refs = find_linears(block)
+        if level == "block":
+            units.append(Unit(f"{prefix}.{i}", i, tuple(r.name for r in refs), sum(r.numel for r in refs)))
+        else:
+            units.extend(Unit(f"{prefix}.{i}.{r.name}", i, (r.name,), r.numel) for r in refs)
+    return units
+
+
+@dataclass
+class Allocation:
+    """Per-unit sparsity (and N:M n per unit for mixed N:M), with the allocator's diagnostics."""
+
+    units: list[Unit]
+    sparsity: list[float]
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    nm_n: Optional[list[int]] = None
+    nm_m: int = 0
+
+    def target(self, block: int, linear: str) -> tuple[float, Pattern]:
+        for i, unit in enumerate(self.units):
+            if unit.block == block and linear in unit.linears:
+                if self.nm_n is not None:
+                    n = self.nm_n[i]
+                    return n / self.nm_m, Pattern(n, self.nm_m) if n > 0 else Pattern()
+                return self.sparsity[i], Pattern()
+        raise KeyError(f"no unit covers block {block} linear {linear!r}")
+
+    def mean(self) -> float:
+        total = sum(u.size for u in self.units)
+        return sum(s * u.size for s, u in zip(self.effective(), self.units)) / total
+
+    def effective(self) -> list[float]:
+        if self.nm_n is None:
+            return list(self.sparsity)
+        return [n / self.nm_m for n in self.nm_n]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "units": [u.name for u in self.units],
+            "unit_sizes": [u.size for u in self.units],
+            "sparsity": [float(s) for s in self.sparsity],
+            "mean_sparsity": self.mean(),
+            "diagnostics": self.diagnostics,
+        }
+        if self.nm_n is not None:
+            out["nm"] = {"m": self.nm_m, "n": list(self.nm_n), "mix": _nm_mix(self.nm_n, self.nm_m)}
+        return out
+
+
+def _nm_mix(ns: list[int], m: int) -> dict[str, int]:
+    mix: dict[str, int] = {}
+    for n in ns:
+        key = f"{n}:{m}"
+        mix[key] = mix.get(key, 0) + 1
+    return dict(sorted(mix.items()))
+
+
+@dataclass
+class AllocationContext:
+    model: nn.Module
+    config: PruneConfig
+    units: list[Unit]
+    data: dict[str, Any]  # what pass 1 collected, by need
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        return torch.tensor([u.size for u in self.units], dtype=torch.float64)
+
+    @property
+    def target(self) -> float:
+        return float(self.config.sparsity)
+
+
+@dataclass(frozen=True)
+class Allocator:
+    name: str
+    fn: Callable[[AllocationContext], tuple[torch.Tensor, dict]]
+    needs: frozenset = frozenset()  # subset of {"features", "wanda"}
+    description: str = ""
+
+    def level(self, config: PruneConfig) -> str:
+        return config.als.level if self.name == "als" else "block"
+
+
+ALLOCATORS: Registry[Allocator] = Registry("allocator")
+
+
+def register(name: str, needs: tuple[str, ...] = (), description: str = ""):
+    def decorator(fn):
+        ALLOCATORS.register(name)(Allocator(name, fn, frozenset(needs), description))
+        return fn
+
+    return decorator
+
+
+def allocation_needs(config: PruneConfig) -> frozenset:
+    return ALLOCATORS.get(config.allocation).needs
+
+
+def allocate(model: nn.Module, config: PruneConfig, data: dict[str, Any]) -> Allocation:
+    """Run the configured allocator on ``data`` (from :func:`alsparse.pass1.collect`)."""
+    allocator = ALLOCATORS.get(config.allocation)
+    units = make_units(model, allocator.level(config))
+    sparsity, diagnostics = allocator.fn(AllocationContext(model, config, units, data))
+    sparsity = [float(s) for s in sparsity]
+    _check_range(sparsity, units, config.allocation)
+    allocation = Allocation(units, sparsity, diagnostics)
+    pattern = config.parsed_pattern
+    if pattern.is_nm:
+        _to_nm(allocation, pattern)
+    log.info("allocation %s: mean sparsity %.6f over %d units", config.allocation, allocation.mean(), len(units))
+    return allocation
+
+
+def _check_range(sparsity: list[float], units: list[Unit], name: str) -> None:
+    for s, unit in zip(sparsity, units):
+        if not (0 <= s < 1) or s != s:
+            raise ValueError(f"allocator {name!r} gave sparsity {s} to {unit.name}; allowed range is [0, 1)")
+
+
+def _to_nm(allocation: Allocation, pattern: Pattern) -> None:
+    """Uniform allocations keep the N:M pattern; non-uniform ones become a per-unit N_i mix."""
+    if len(set(round(s, 9) for s in allocation.sparsity)) <= 1:
+        allocation.nm_n = [pattern.n] * len(allocation.units)
+    else:
+        from .allocation.nm import mixed_nm
+
+        sizes = torch.tensor([u.size for u in allocation.units], dtype=torch.float64)
+        ns = mixed_nm(torch.tensor(allocation.sparsity, dtype=torch.float64), sizes, pattern.n, pattern.m)
+        ns = ns[0] if isinstance(ns, tuple) else ns
+        allocation.nm_n = [int(n) for n in ns]
+    allocation.nm_m = pattern.m
+
+
+# --- the allocators -----------------------------------------------------------------------
+
+
+@register("uniform", description="every block at the target sparsity")
+def _uniform(ctx: AllocationContext):
+    return [ctx.target] * len(ctx.units), {}
+
+
+@register("file", description="an explicit per-block or per-linear mapping from a JSON/YAML file")
+def _from_file(ctx: AllocationContext):
+    mapping = load_mapping(ctx.config.allocation_file)
+    out = []
+    for unit in ctx.units:
+        if unit.name in mapping:
+            out.append(mapping[unit.name])
+        elif str(unit.block) in mapping:
+            out.append(mapping[str(unit.block)])
+        else:
+            raise ValueError(
+                f"allocation file {ctx.config.allocation_file} has no entry for {unit.name} "
+                f"(keys are block indices like '{unit.block}' or full names like '{unit.name}')"
+            )
+    return out, {"file": str(ctx.config.allocation_file)}
+
+
+def load_mapping(path: Optional[str]) -> dict[str, float]:
+    """A JSON/YAML mapping {block index or unit name: sparsity}, or a list with one value per block."""
+    file = Path(str(path))
+    if not file.is_file():
+        raise FileNotFoundError(f"allocation file {file} does not exist")
+    text = file.read_text()
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any parse error becomes a clear message
+        raise ValueError(f"allocation file {file} is not valid {file.suffix.lstrip('.') or 'JSON'}: {exc}") from exc
+    if isinstance(raw, list):
+        raw = {str(i): v for i, v in enumerate(raw)}
+    if not isinstance(raw, dict):
+        raise ValueError(f"allocation file {file} must hold a mapping or a list of sparsities")
+    try:
+        return {str(k): float(v) for k, v in raw.items()}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"allocation file {file}: every value must be a number ({exc})") from exc

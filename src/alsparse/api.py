@@ -1,0 +1,160 @@
+"""The verbs: prune_ (mutates the model, returns a report) and save."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .allocate import Allocation, allocate, allocation_needs
+from .capture import BlockStep, capture_block_inputs, stream_blocks
+from .config import PruneConfig
+from .models import decoder_blocks, find_linears, model_device, onload
+from .pruning import PRUNERS, InputStats, Pruner
+from .report import LinearRecord, PruneReport, StageTimer, mask_sha256, peak_memory, versions
+
+log = logging.getLogger(__name__)
+
+
+def prune_(
+    model: nn.Module, calibration: Optional[torch.Tensor], config: PruneConfig, calibration_info: Optional[dict] = None
+) -> PruneReport:
+    """Prune ``model`` in place: allocate per-unit sparsity, then calibrate, prune and propagate
+    block by block so each block sees the outputs of the already-pruned ones."""
+    pruner = PRUNERS.get(config.method)
+    device = torch.device(config.device) if config.device else model_device(model)
+    needs = allocation_needs(config)
+    _check_pattern_fits(model, config)
+    timer = StageTimer()
+    acts = None
+    if pruner.needs_calibration or needs:
+        _check_calibration(calibration)
+        with timer("capture"):
+            acts = capture_block_inputs(model, calibration, device, config.batch_size, config.offload)
+    with timer("pass1"):
+        data = collect_pass1(model, acts, device, config, needs) if needs else {}
+    with timer("allocation"):
+        allocation = allocate(model, config, data)
+    with timer("prune"):
+        if acts is None:
+            _prune_without_data(model, pruner, allocation, config, device)
+        else:
+            for step in stream_blocks(model, acts, device, desc=f"{config.method} pruning"):
+                _prune_block(step, pruner, allocation, config)
+    report = _make_report(model, config, allocation, timer, device, calibration, calibration_info)
+    log.info("pruned to %.4f sparsity (target %.4f)", report.achieved_sparsity, config.sparsity)
+    return report
+
+
+def collect_pass1(model, acts, device, config, needs):
+    from .pass1 import collect
+
+    return collect(model, acts, device, config, needs)
+
+
+def _prune_block(step: BlockStep, pruner: Pruner, allocation: Allocation, config: PruneConfig) -> None:
+    stats = {}
+    if pruner.needs_calibration:
+        stats = {
+            ref.name: InputStats(ref.in_features, step.device, pruner.needs_norms, pruner.needs_hessian)
+            for ref in step.linears
+        }
+        step.run({name: (lambda x, y, s=s: s.update(x)) for name, s in stats.items()}, keep_outputs=False)
+    for ref in step.linears:
+        if ref.name in stats:
+            stats[ref.name].check_finite(f"block {step.index} {ref.name}")
+        _prune_linear(ref, stats.get(ref.name), step.index, pruner, allocation, config)
+
+
+def _prune_without_data(model, pruner, allocation, config, device) -> None:
+    from tqdm.auto import tqdm
+
+    for index, block in enumerate(tqdm(decoder_blocks(model), desc=f"{config.method} pruning", leave=False)):
+        with onload(block, device), torch.no_grad():
+            for ref in find_linears(block):
+                _prune_linear(ref, None, index, pruner, allocation, config)
+
+
+def _prune_linear(ref, stats, block_index, pruner, allocation, config) -> None:
+    sparsity, pattern = allocation.target(block_index, ref.name)
+    if sparsity == 0 and not pattern.is_nm:
+        return
+    new = pruner.prune(
+        ref.weight_oi,
+        stats,
+        sparsity,
+        pattern,
+        blocksize=config.sparsegpt_blocksize,
+        damp=config.sparsegpt_damp,
+    )
+    ref.write_(new)
+
+
+def _check_pattern_fits(model: nn.Module, config: PruneConfig) -> None:
+    pattern = config.parsed_pattern
+    if not pattern.is_nm:
+        return
+    for i, block in enumerate(decoder_blocks(model)):
+        for ref in find_linears(block):
+            if ref.in_features % pattern.m:
+                raise ValueError(
+                    f"pattern {pattern} needs in_features divisible by {pattern.m}, but block {i} "
+                    f"{ref.name} has {ref.in_features}"
+                )
+
+
+def _check_calibration(calibration) -> None:
+    if calibration is None or not isinstance(calibration, torch.Tensor) or calibration.ndim != 2:
+        raise ValueError("this method/allocator needs calibration token ids as a LongTensor [N, T]")
+    if calibration.shape[0] < 1 or calibration.shape[1] < 2:
+        raise ValueError(f"calibration must hold at least one window of >= 2 tokens, got {tuple(calibration.shape)}")
+
+
+def calibration_fingerprint(calibration: Optional[torch.Tensor]) -> Optional[str]:
+    if calibration is None:
+        return None
+    return hashlib.sha256(calibration.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def _make_report(model, config, allocation, timer, device, calibration, calibration_info) -> PruneReport:
+    from .allocate import block_prefix
+
+    prefix = block_prefix(model)
+    records = []
+    for index, block in enumerate(decoder_blocks(model)):
+        for ref in find_linears(block):
+            allocated, pattern = allocation.target(index, ref.name)
+            weight = ref.module.weight
+            records.append(
+                LinearRecord(
+                    name=f"{prefix}.{index}.{ref.name}",
+                    block=index,
+                    unit=next(u.name for u in allocation.units if u.block == index and ref.name in u.linears),
+                    numel=weight.numel(),
+                    allocated=allocated,
+                    achieved=float((weight == 0).sum().item()) / weight.numel(),
+                    pattern=str(pattern),
+                    mask_sha256=mask_sha256(weight),
+                )
+            )
+    calib = dict(calibration_info or {})
+    if calibration is not None:
+        calib.update(
+            {"windows": int(calibration.shape[0]), "seq_len": int(calibration.shape[1])},
+            fingerprint=calibration_fingerprint(calibration),
+        )
+    return PruneReport(
+        config=config.to_dict(),
+        model_type=model.config.model_type,
+        num_blocks=len(decoder_blocks(model)),
+        target_sparsity=config.sparsity,
+        calibration=calib,
+        allocation=allocation.to_dict(),
+        linears=records,
+        timings_s=dict(timer.timings),
+        peak_memory=peak_memory(device),
+        versions=versions(),
+    )

@@ -1,0 +1,193 @@
+"""Block-by-block execution: capture the inputs of block 0, then stream the blocks one at a time.
+
+Memory on the compute device is one block plus the calibration activations (or just one
+micro-batch of them with ``offload="cpu"``), whatever the depth of the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .models import LinearRef, decoder_blocks, find_linears, inference_mode, layer_types, onload, onload_except
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Private control flow: raised by the capture hook once block inputs are recorded."""
+
+
+@dataclass
+class BlockCall:
+    """Everything a block is called with besides its hidden states, for one micro-batch."""
+
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class Activations:
+    """Hidden states entering the current block, per micro-batch, plus per-layer-type call args."""
+
+    hidden: list[torch.Tensor]  # each [B, T, D]
+    calls: dict[str, list[BlockCall]]  # layer type -> per micro-batch
+    store: torch.device  # where hidden states live between blocks
+
+    @property
+    def tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+    def with_hidden(self, hidden: list[torch.Tensor]) -> "Activations":
+        return Activations(hidden, self.calls, self.store)
+
+
+def _split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
+    kwargs = dict(kwargs)
+    if args:
+        hidden, rest = args[0], tuple(args[1:])
+    else:
+        hidden, rest = kwargs.pop("hidden_states"), ()
+    for key in ("use_cache", "past_key_values", "past_key_value", "cache", "layer_past"):
+        if key in kwargs:
+            kwargs[key] = False if key == "use_cache" else None
+    return hidden, BlockCall(rest, kwargs)
+
+
+@contextlib.contextmanager
+def _recording(block: nn.Module, sink: list) -> Iterator[None]:
+    def hook(module, args, kwargs):
+        sink.append(_split_call(args, kwargs))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _run_until(model: nn.Module, block: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, BlockCall]:
+    sink: list = []
+    with _recording(block, sink):
+        try:
+            model(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+    if not sink:
+        raise RuntimeError("the capture hook never fired: the model did not call its first decoder block")
+    return sink[0]
+
+
+def capture_block_inputs(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 1,
+    offload: str = "device",
+) -> Activations:
+    """Run ``calibration [N, T]`` up to block 0 and record its inputs and kwargs per micro-batch."""
+    blocks = decoder_blocks(model)
+    types = layer_types(model, len(blocks))
+    store = torch.device("cpu") if offload == "cpu" else device
+    hidden: list[torch.Tensor] = []
+    calls: dict[str, list[BlockCall]] = {types[0]: []}
+    with inference_mode(model), onload_except(model, blocks, device):
+        for start in range(0, calibration.shape[0], batch_size):
+            ids = calibration[start : start + batch_size].to(device)
+            h, call = _run_until(model, blocks[0], ids)
+            hidden.append(h.to(store))
+            calls[types[0]].append(call)
+        for kind in dict.fromkeys(types[1:]):
+            if kind not in calls:
+                calls[kind] = _capture_other_type(model, blocks, types.index(kind), calibration, device, batch_size)
+    return Activations(hidden, calls, store)
+
+
+def _capture_other_type(model, blocks, first, calibration, device, batch_size) -> list[BlockCall]:
+    """Call args of another layer type (e.g. sliding-window masks): they depend on shapes only,
+    so run each distinct micro-batch shape once through blocks 0..first-1 and reuse them."""
+    by_shape: dict[tuple, BlockCall] = {}
+    out = []
+    with contextlib.ExitStack() as stack:
+        for block in blocks[:first]:
+            stack.enter_context(onload(block, device))
+        for start in range(0, calibration.shape[0], batch_size):
+            ids = calibration[start : start + batch_size]
+            if tuple(ids.shape) not in by_shape:
+                by_shape[tuple(ids.shape)] = _run_until(model, blocks[first], ids.to(device))[1]
+            out.append(by_shape[tuple(ids.shape)])
+    return out
+
+
+def _first(output):
+    """Decoder layers return a tensor on recent transformers and a tuple on older ones."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@dataclass
+class BlockStep:
+    """One onloaded block in a stream: run it (optionally with input hooks), edit it, move on."""
+
+    index: int
+    block: nn.Module
+    layer_type: str
+    inputs: Activations
+    device: torch.device
+    linears: list[LinearRef] = field(default_factory=list)
+
+    def run(
+        self,
+        hooks: Optional[dict[str, Callable[[torch.Tensor, torch.Tensor], None]]] = None,
+        keep_outputs: bool = True,
+    ) -> Optional[list[torch.Tensor]]:
+        """Run every micro-batch through the block; ``hooks[name](x, y)`` sees each named linear's
+        input ``x [B, T, I]`` and output ``y [B, T, O]``."""
+        modules = {ref.name: ref.module for ref in self.linears}
+        handles = [
+            modules[name].register_forward_hook(lambda mod, args, out, fn=fn: fn(args[0], out))
+            for name, fn in (hooks or {}).items()
+        ]
+        outputs: list[torch.Tensor] = []
+        try:
+            for hidden, call in zip(self.inputs.hidden, self.inputs.calls[self.layer_type]):
+                out = _first(self.block(hidden.to(self.device), *call.args, **call.kwargs))
+                if keep_outputs:
+                    outputs.append(out.to(self.inputs.store))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outputs if keep_outputs else None
+
+
+def stream_blocks(
+    model: nn.Module, inputs: Activations, device: torch.device, desc: str = "blocks"
+) -> Iterator[BlockStep]:
+    """Yield each block onloaded to ``device``; after the caller is done with a step, its
+    outputs (recomputed with whatever the caller changed) become the next block's inputs.
+    The caller may set ``step.outputs`` to reuse outputs it already computed."""
+    blocks = decoder_blocks(model)
+    types = layer_types(model, len(blocks))
+    with inference_mode(model):
+        for index in tqdm(range(len(blocks)), desc=desc, unit="block", leave=False):
+            with onload(blocks[index], device) as block:
+                step = BlockStep(index, block, types[index], inputs, device, find_linears(block))
+                yield step
+                outputs = getattr(step, "outputs", None)
+                if outputs is None:
+                    outputs = step.run()
+            inputs = inputs.with_hidden(outputs)
+            _check_finite(outputs, index)
+
+
+def _check_finite(outputs: list[torch.Tensor], index: int) -> None:
+    if not all(torch.isfinite(h).all() for h in outputs):
+        raise FloatingPointError(
+            f"block {index}: its outputs contain NaN/Inf (fp16 overflow?); load the model in bf16 or fp32"
+        )

@@ -1,0 +1,195 @@
+"""Command line: parses, calls the API, prints. The only module that prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alsparse", description="Adaptive Layer Sparsity pruning for LLMs")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("prune", help="prune a model and save it with a report")
+    pr.add_argument("model", help="local HF directory, hub id, .gguf file, or 'smollm2-135m' (embedded default)")
+    pr.add_argument("--sparsity", type=float, default=0.5, help="target sparsity in [0, 1) (default 0.5)")
+    pr.add_argument("--method", default="wanda", help="pruner: see 'alsparse ls' (default wanda)")
+    pr.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4, 4:8")
+    pr.add_argument("--allocation", default="uniform", help="allocator: see 'alsparse ls' (default uniform)")
+    pr.add_argument("--allocation-file", help="JSON/YAML per-block mapping, with --allocation file")
+    pr.add_argument("--calib", default="wikitext2", help="calibration corpus name or a .txt file (default: wikitext2 validation)")
+    pr.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32; papers use 128)")
+    pr.add_argument("--seqlen", type=int, default=1024, help="tokens per window (default 1024; papers use 2048)")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--batch-size", type=int, default=4, help="calibration windows per micro-batch")
+    pr.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
+    pr.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    pr.add_argument("--offload", default="device", help="where calibration activations live: device | cpu")
+    pr.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("--trust-remote-code", action="store_true")
+    _add_als_args(pr)
+
+    sub.add_parser("ls", help="list registered pruners and allocators")
+    return p
+
+
+def _add_als_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ALS options (with --allocation als)")
+    g.add_argument("--als-level", default="block", help="block | component | joint")
+    g.add_argument("--als-delta", type=float, default=0.2, help="relative bound S +- delta (default 0.2)")
+    g.add_argument("--als-granularity", type=float, default=None, help="round ratios to multiples of g (paper 0.005)")
+    g.add_argument("--als-solver", default="lp", help="lp | qp")
+    g.add_argument("--als-feature", default="input", help="input | output")
+    g.add_argument("--als-normalize", default="center", help="center | standardize | none")
+    g.add_argument("--als-expression", default="modified", help="modified | original")
+    g.add_argument("--als-tokens", type=int, default=4096, help="tokens kept per unit for RM (0 = all, exact)")
+
+
+def _als_options(args):
+    from .config import ALSOptions
+
+    return ALSOptions(
+        level=args.als_level,
+        delta=args.als_delta,
+        granularity=args.als_granularity,
+        solver=args.als_solver,
+        feature=args.als_feature,
+        normalize=args.als_normalize,
+        expression=args.als_expression,
+        tokens=args.als_tokens or None,
+    )
+
+
+def _cmd_ls(args) -> int:
+    from .allocate import ALLOCATORS
+    from .pruning import PRUNERS
+
+    print("pruners:")
+    for name in PRUNERS:
+        print(f"  {name:12s} {PRUNERS.get(name).description}")
+    print("allocators:")
+    for name in ALLOCATORS:
+        print(f"  {name:12s} {ALLOCATORS.get(name).description}")
+    return 0
+
+
+def _resolve_device(requested: Optional[str]) -> str:
+    import torch
+
+    if requested:
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cmd_prune(args) -> int:
+    from .api import prune_
+    from .config import PruneConfig
+    from .data.calibration import sample_calibration
+    from .io import save
+    from .sources import load_model
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"output directory {out} exists; pass --overwrite to replace it")
+    device = _resolve_device(args.device)
+    config = PruneConfig(
+        method=args.method,
+        sparsity=args.sparsity,
+        pattern=args.pattern,
+        allocation=args.allocation,
+        allocation_file=args.allocation_file,
+        seed=args.seed,
+        device=device,
+        batch_size=args.batch_size,
+        offload=args.offload,
+        als=_als_options(args),
+    )
+    logging.getLogger("alsparse").info("loading %s", args.model)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code)
+    _check_seqlen(model, args.seqlen)
+    calibration, calib_info = sample_calibration_from(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed)
+    print(f"calibration: {calib_info['source']}, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}", file=sys.stderr)
+    report = prune_(model, calibration, config, calibration_info=calib_info)
+    save(model, tokenizer, report, out, overwrite=args.overwrite)
+    print(format_report(report), file=sys.stderr)
+    print(json.dumps({"out": str(out), **report.summary()}, indent=2))
+    return 0
+
+
+def sample_calibration_from(source: str, tokenizer, nsamples: int, seqlen: int, seed: int):
+    from .data.calibration import fingerprint, sample_calibration
+    from .data.text import load_corpus
+
+    if nsamples < 1 or seqlen < 2:
+        raise UsageError(f"--nsamples must be >= 1 and --seqlen >= 2, got {nsamples} and {seqlen}")
+    path = Path(source)
+    if path.suffix == ".txt" or path.exists():
+        text = load_corpus(str(path), "train")
+        name = str(path)
+    else:
+        text = load_corpus(source, "validation")
+        name = f"{source} validation"
+    ids = sample_calibration(tokenizer, text, nsamples, seqlen, seed)
+    return ids, {"source": name, "seed": seed, "fingerprint": fingerprint(ids)}
+
+
+def _check_seqlen(model, seqlen: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and seqlen > limit:
+        raise UsageError(f"--seqlen {seqlen} is longer than the model's context ({limit} positions)")
+
+
+def format_report(report) -> str:
+    lines = ["block  allocated  achieved      weights"]
+    for row in report.per_block():
+        lines.append(f"{row['block']:5d}  {row['allocated']:9.4f}  {row['achieved']:8.4f}  {row['numel']:11d}")
+    lines.append(
+        f"total  {report.allocated_sparsity:9.4f}  {report.achieved_sparsity:8.4f}  {report.prunable:11d}"
+        f"   (size-weighted over prunable linears; embeddings and lm_head excluded)"
+    )
+    return "\n".join(lines)
+
+
+COMMANDS = {"prune": _cmd_prune, "ls": _cmd_ls}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"alsparse {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("alsparse: interrupted; nothing was written to the output directory", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence prints, then fails
+        logging.getLogger("alsparse").debug("failure", exc_info=True)
+        print(f"alsparse {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

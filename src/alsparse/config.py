@@ -1,0 +1,135 @@
+"""Frozen configuration objects, validated on construction."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Sparsity pattern: unstructured (n=m=0) or N:M = n zeros in every m consecutive inputs."""
+
+    n: int = 0
+    m: int = 0
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m > 0
+
+    @property
+    def sparsity(self) -> Optional[float]:
+        return self.n / self.m if self.is_nm else None
+
+    @classmethod
+    def parse(cls, text: "str | Pattern") -> "Pattern":
+        if isinstance(text, Pattern):
+            return text
+        if text in ("unstructured", "", None):
+            return cls()
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+        if not match:
+            raise ValueError(f"pattern {text!r} is malformed; use 'unstructured' or 'N:M' such as '2:4' or '4:8'")
+        n, m = int(match.group(1)), int(match.group(2))
+        if m < 2 or not 0 < n < m:
+            raise ValueError(f"pattern {text!r}: N:M needs 0 < N < M and M >= 2 (e.g. 2:4, 4:8)")
+        return cls(n, m)
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+
+
+@dataclass(frozen=True)
+class ALSOptions:
+    """Every ALS ambiguity is an option; defaults follow ../shared/ALS_SPEC.md."""
+
+    level: str = "block"  # block | component | joint
+    feature: str = "input"  # block: input|output ; component: output|input
+    normalize: str = "center"  # center | standardize | none
+    expression: str = "modified"  # modified: exp(-rho/mu) ; original: exp(-rho)
+    solver: str = "lp"  # lp | qp
+    lp_method: str = "highs"  # highs | closed_form
+    delta: float = 0.2
+    bounds: str = "relative"  # relative | absolute
+    s_min: Optional[float] = None  # absolute bounds
+    s_max: Optional[float] = None
+    granularity: Optional[float] = None  # e.g. 0.005 (paper); None = no rounding
+    qp_lambda: float = 8.0
+    tokens: Optional[int] = 4096  # m tokens kept per unit for RM; None = exact (all tokens)
+
+    def __post_init__(self) -> None:
+        _choice("als level", self.level, ("block", "component", "joint"))
+        _choice("als feature", self.feature, ("input", "output"))
+        _choice("als normalize", self.normalize, ("center", "standardize", "none"))
+        _choice("als expression", self.expression, ("modified", "original"))
+        _choice("als solver", self.solver, ("lp", "qp"))
+        _choice("als lp_method", self.lp_method, ("highs", "closed_form"))
+        _choice("als bounds", self.bounds, ("relative", "absolute"))
+        if not 0 <= self.delta < 1:
+            raise ValueError(f"als delta must be in [0, 1), got {self.delta}")
+        if self.granularity is not None and not 0 < self.granularity < 0.5:
+            raise ValueError(f"als granularity must be in (0, 0.5), got {self.granularity}")
+        if self.bounds == "absolute" and (self.s_min is None or self.s_max is None):
+            raise ValueError("als bounds='absolute' needs s_min and s_max")
+        if self.tokens is not None and self.tokens < 2:
+            raise ValueError(f"als tokens must be >= 2 or None (exact), got {self.tokens}")
+
+
+@dataclass(frozen=True)
+class BaselineOptions:
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+    dlp_alpha: float = 0.15
+    alpha_eps: float = 0.3
+    atp_beta: Optional[float] = None  # None: chosen by held-out calibration loss
+    atp_grid: int = 5
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: str = "wanda"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    allocation: str = "uniform"
+    allocation_file: Optional[str] = None  # JSON/YAML mapping for allocation="file"
+    seed: int = 0
+    device: Optional[str] = None  # None: the device the model is on
+    batch_size: int = 1  # calibration windows per micro-batch
+    offload: str = "device"  # where calibration activations live: device | cpu
+    als: ALSOptions = field(default_factory=ALSOptions)
+    baselines: BaselineOptions = field(default_factory=BaselineOptions)
+    sparsegpt_blocksize: int = 128
+    sparsegpt_damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        from .allocate import ALLOCATORS  # registry lookups validate names
+        from .pruning import PRUNERS
+
+        PRUNERS.get(self.method)
+        ALLOCATORS.get(self.allocation)
+        pattern = Pattern.parse(self.pattern)
+        object.__setattr__(self, "pattern", str(pattern))
+        if not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
+        if pattern.is_nm and abs(pattern.sparsity - self.sparsity) > 1e-9:
+            object.__setattr__(self, "sparsity", pattern.sparsity)
+        if self.allocation == "file" and not self.allocation_file:
+            raise ValueError("allocation='file' needs allocation_file (a JSON/YAML mapping of unit -> sparsity)")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        _choice("offload", self.offload, ("device", "cpu"))
+        if self.sparsegpt_blocksize < 1 or not 0 < self.sparsegpt_damp < 1:
+            raise ValueError("sparsegpt_blocksize must be >= 1 and sparsegpt_damp in (0, 1)")
+
+    @property
+    def parsed_pattern(self) -> Pattern:
+        return Pattern.parse(self.pattern)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{what} {value!r} is not valid; choose one of: {', '.join(allowed)}")

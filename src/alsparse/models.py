@@ -1,0 +1,157 @@
+"""Model plumbing: one table maps each family to its decoder blocks; linears are discovered."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+# family (config.model_type) -> attribute path of the decoder block list
+BLOCK_PATHS: dict[str, str] = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
+    "phi3": "model.layers",
+    "opt": "model.decoder.layers",
+    "gpt2": "transformer.h",
+    "gpt_neox": "gpt_neox.layers",
+}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def family(model: nn.Module) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in BLOCK_PATHS:
+        raise UnsupportedModelError(
+            f"model family {model_type!r} is not supported; supported: {', '.join(sorted(BLOCK_PATHS))}"
+        )
+    return model_type
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    module = model
+    for attr in BLOCK_PATHS[family(model)].split("."):
+        module = getattr(module, attr)
+    return module
+
+
+def layer_types(model: nn.Module, num_blocks: int) -> list[str]:
+    """Per-block attention type (sliding/full) where the config has one, else one shared type."""
+    types = getattr(model.config, "layer_types", None)
+    if types is None or len(types) < num_blocks:
+        return ["default"] * num_blocks
+    return [str(t) for t in types[:num_blocks]]
+
+
+def _is_prunable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+@dataclass(frozen=True)
+class LinearRef:
+    """A prunable linear inside a block. GPT-2's Conv1D stores its weight as [I, O]: transposed."""
+
+    name: str  # path inside the block, e.g. "self_attn.q_proj"
+    module: nn.Module
+    transposed: bool
+
+    @property
+    def weight_oi(self) -> torch.Tensor:
+        w = self.module.weight
+        return w.T if self.transposed else w  # [O, I]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight_oi.shape[1]
+
+    @property
+    def numel(self) -> int:
+        return self.module.weight.numel()
+
+    @torch.no_grad()
+    def write_(self, weight_oi: torch.Tensor) -> None:
+        """Write ``[O, I]`` in place (copy_ keeps tied weights and hooks)."""
+        target = self.module.weight
+        target.copy_(weight_oi.T if self.transposed else weight_oi)
+
+
+def find_linears(block: nn.Module) -> list[LinearRef]:
+    return [
+        LinearRef(name, module, transposed=type(module).__name__ == "Conv1D")
+        for name, module in block.named_modules()
+        if name and _is_prunable(module)
+    ]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def onload(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """Move a module to ``device`` for the duration of the block, then back."""
+    home = next(module.parameters()).device
+    if home == device:
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
+@contextlib.contextmanager
+def onload_except(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> Iterator[None]:
+    """Move everything but the decoder blocks (embeddings, rotary, norms) to ``device``."""
+    moved: list[tuple[nn.Module, torch.device]] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if child is blocks:
+                continue
+            if any(sub is blocks for sub in child.modules()):
+                visit(child)
+                continue
+            params = list(child.parameters()) + list(child.buffers())
+            if params and params[0].device != device:
+                moved.append((child, params[0].device))
+                child.to(device)
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.device != device:
+                module._buffers[name] = buf.to(device)
+
+    try:
+        visit(model)
+        yield
+    finally:
+        for child, home in moved:
+            child.to(home)
+
+
+@contextlib.contextmanager
+def inference_mode(model: nn.Module) -> Iterator[None]:
+    """eval(), use_cache=False and no grad for the duration; all restored afterwards."""
+    was_training = model.training
+    config = getattr(model, "config", None)
+    old_cache = getattr(config, "use_cache", None)
+    model.eval()
+    if config is not None:
+        config.use_cache = False
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+        if config is not None:
+            config.use_cache = old_cache

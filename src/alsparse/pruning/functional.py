@@ -1,0 +1,136 @@
+"""Pure pruning math: tensors in, tensors out. No modules, hooks or logging.
+
+Conventions: weights are ``[O, I]`` (outputs x inputs); a ``prune_mask`` is True where a weight
+becomes zero. Unstructured masks prune exactly ``k = floor(s * group)`` entries per comparison
+group, ties broken by a stable sort on the index (SmolLM2's dequantised weights have many ties;
+the research code's ``<= threshold`` would prune more than k).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import Pattern
+
+
+def num_pruned(sparsity: float, group_size: int) -> int:
+    """k = floor(s * group) zeros per comparison group (tiny epsilon guards 0.3*10 = 2.9999)."""
+    return int(math.floor(sparsity * group_size + 1e-9))
+
+
+def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k lowest entries of each row of ``scores`` ``[R, G]`` (stable ties)."""
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    order = torch.sort(scores, dim=-1, stable=True).indices[:, :k]  # [R, k]
+    prune_mask = torch.zeros_like(scores, dtype=torch.bool)
+    return prune_mask.scatter_(1, order, True)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Prune the n lowest of every m consecutive inputs in each row; scores ``[O, I]``, I % m == 0."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"N:M with M={m} needs in_features divisible by {m}, got {cols}")
+    groups = scores.reshape(-1, m)  # [O * I / m, m]
+    return lowest_k_mask(groups, n).reshape(rows, cols)
+
+
+def score_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern, per_row: bool) -> torch.Tensor:
+    """The prune_mask for ``scores [O, I]``: N:M, or unstructured per output row or per matrix."""
+    if pattern.is_nm:
+        return nm_mask(scores, pattern.n, pattern.m)
+    if per_row:
+        return lowest_k_mask(scores, num_pruned(sparsity, scores.shape[1]))
+    flat = scores.reshape(1, -1)  # [1, O * I]
+    return lowest_k_mask(flat, num_pruned(sparsity, flat.shape[1])).reshape(scores.shape)
+
+
+def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
+    return weight.abs()  # [O, I]
+
+
+def wanda_scores(weight: torch.Tensor, input_sq_norms: torch.Tensor) -> torch.Tensor:
+    """|W_rc| * ||X_c||_2 with ``input_sq_norms [I]`` = sum over tokens of x_c^2."""
+    return weight.abs() * input_sq_norms.clamp_min(0).sqrt().unsqueeze(0)  # [O, I]
+
+
+def apply_prune_mask(weight: torch.Tensor, prune_mask: torch.Tensor) -> torch.Tensor:
+    return weight.masked_fill(prune_mask, 0)
+
+
+def sparsegpt(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    pattern: Pattern,
+    blocksize: int = 128,
+    damp: float = 0.01,
+) -> torch.Tensor:
+    """SparseGPT (Frantar & Alistarh 2023): OBS pruning with a damped Hessian, column blocks.
+
+    ``weight [O, I]``, ``hessian [I, I]`` (proportional to sum x x^T, fp32). Unstructured: in each
+    column block ``[O, B]`` prune exactly floor(s * O * B) entries of lowest w^2 / [H^-1]_cc^2 (the
+    adaptive mask). N:M: n lowest of every m columns per row. Returns the updated, pruned weight.
+    """
+    W = weight.detach().to(torch.float32).clone()  # [O, I]
+    H = hessian.detach().to(torch.float32).clone()  # [I, I]
+    cols = W.shape[1]
+    if pattern.is_nm and (cols % pattern.m or blocksize % pattern.m):
+        raise ValueError(
+            f"N:M with M={pattern.m} needs in_features ({cols}) and the SparseGPT block size ({blocksize}) "
+            f"divisible by {pattern.m}"
+        )
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    Hinv = _inverse_cholesky_upper(H, damp)  # [I, I] upper Cholesky factor of H^-1
+    for start in range(0, cols, blocksize):
+        end = min(start + blocksize, cols)
+        _sparsegpt_block(W, Hinv, start, end, sparsity, pattern)
+    return W.to(weight.dtype)
+
+
+def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1; retries with 10x damping twice."""
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    mean_diag = torch.mean(torch.diag(H))
+    for attempt in range(3):
+        damped = H + (damp * 10**attempt) * mean_diag * eye
+        L, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return U
+    raise ValueError(
+        f"SparseGPT: the Hessian is not positive definite even with damping {damp * 100:g}x mean(diag H); "
+        "check the calibration activations for NaN/Inf or use fp32 statistics"
+    )
+
+
+def _sparsegpt_block(W, Hinv, start: int, end: int, sparsity: float, pattern: Pattern) -> None:
+    W1 = W[:, start:end].clone()  # [O, B]
+    Hinv1 = Hinv[start:end, start:end]  # [B, B]
+    Q1 = torch.zeros_like(W1)
+    Err1 = torch.zeros_like(W1)
+    diag = torch.diag(Hinv1)  # [B]
+    if not pattern.is_nm:
+        saliency = W1**2 / diag.unsqueeze(0) ** 2
+        block_mask = score_mask(saliency, sparsity, pattern, per_row=False)
+    for j in range(end - start):
+        w = W1[:, j]
+        d = diag[j]
+        if pattern.is_nm and j % pattern.m == 0:
+            group = W1[:, j : j + pattern.m] ** 2 / diag[j : j + pattern.m].unsqueeze(0) ** 2
+            group_mask = lowest_k_mask(group, pattern.n)
+        prune_col = group_mask[:, j % pattern.m] if pattern.is_nm else block_mask[:, j]
+        q = w.masked_fill(prune_col, 0)
+        Q1[:, j] = q
+        err = (w - q) / d
+        W1[:, j:] -= err.unsqueeze(1) * Hinv1[j, j:].unsqueeze(0)
+        Err1[:, j] = err
+    W[:, start:end] = Q1
+    W[:, end:] -= Err1 @ Hinv[start:end, end:]

@@ -1,0 +1,147 @@
+"""PruneReport: what was asked, what was done, what it cost. Serialised as alsparse_report.json."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+
+REPORT_NAME = "alsparse_report.json"
+
+
+@dataclass
+class LinearRecord:
+    name: str  # full path, e.g. "model.layers.3.self_attn.q_proj"
+    block: int
+    unit: str
+    numel: int
+    allocated: float
+    achieved: float
+    pattern: str
+    mask_sha256: str
+
+
+@dataclass
+class PruneReport:
+    config: dict[str, Any]
+    model_type: str
+    num_blocks: int
+    target_sparsity: float
+    calibration: dict[str, Any] = field(default_factory=dict)
+    allocation: dict[str, Any] = field(default_factory=dict)
+    linears: list[LinearRecord] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    peak_memory: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def prunable(self) -> int:
+        return sum(r.numel for r in self.linears)
+
+    @property
+    def achieved_sparsity(self) -> float:
+        """Size-weighted: zeros / elements over the prunable linears of the decoder blocks."""
+        total = self.prunable
+        return sum(r.achieved * r.numel for r in self.linears) / total if total else 0.0
+
+    @property
+    def allocated_sparsity(self) -> float:
+        total = self.prunable
+        return sum(r.allocated * r.numel for r in self.linears) / total if total else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.config.get("method"),
+            "allocation": self.config.get("allocation"),
+            "pattern": self.config.get("pattern"),
+            "target_sparsity": self.target_sparsity,
+            "allocated_sparsity": round(self.allocated_sparsity, 6),
+            "achieved_sparsity": round(self.achieved_sparsity, 6),
+            "prunable_weights": self.prunable,
+            "num_linears": len(self.linears),
+            "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
+            "peak_memory": self.peak_memory,
+            "calibration": self.calibration,
+        }
+
+    def per_block(self) -> list[dict[str, Any]]:
+        rows: dict[int, list[LinearRecord]] = {}
+        for r in self.linears:
+            rows.setdefault(r.block, []).append(r)
+        out = []
+        for block, recs in sorted(rows.items()):
+            n = sum(r.numel for r in recs)
+            out.append(
+                {
+                    "block": block,
+                    "allocated": sum(r.allocated * r.numel for r in recs) / n,
+                    "achieved": sum(r.achieved * r.numel for r in recs) / n,
+                    "numel": n,
+                }
+            )
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["summary"] = self.summary()
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PruneReport":
+        d = {k: v for k, v in d.items() if k != "summary"}
+        d["linears"] = [LinearRecord(**r) for r in d.get("linears", [])]
+        return cls(**d)
+
+
+def mask_sha256(weight: torch.Tensor) -> str:
+    """Hash of the zero pattern of a weight, so two runs' masks can be compared."""
+    bits = (weight.detach() == 0).flatten().cpu().numpy()
+    import numpy as np
+
+    return hashlib.sha256(np.packbits(bits).tobytes()).hexdigest()
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from . import __version__
+
+    return {
+        "alsparse": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+
+
+def peak_memory(device: Optional[torch.device] = None) -> dict[str, float]:
+    """Peak resident memory of this process (GiB) and, on CUDA, peak allocated device memory."""
+    out = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    if device is not None and device.type == "cuda":
+        out["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return out
+
+
+class StageTimer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start

@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny random models of every supported family, the real model, the data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=4, max_position_embeddings=64)
+
+
+def tiny_config(family: str):
+    import transformers as tf
+
+    n_layers = 3
+    if family in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+               "qwen3": tf.Qwen3Config, "phi3": tf.Phi3Config}[family]
+        extra = {"sliding_window": None} if family in ("mistral", "qwen2", "qwen3") else {}
+        extra.update({"head_dim": 8} if family == "qwen3" else {})
+        extra.update({"bos_token_id": 1, "eos_token_id": 2} if family == "phi3" else {})
+        return cls(num_hidden_layers=n_layers, num_key_value_heads=2, pad_token_id=0, **TINY, **extra)
+    if family == "gemma":
+        return tf.GemmaConfig(num_hidden_layers=n_layers, num_key_value_heads=2, head_dim=8, **TINY)
+    if family == "gemma2":
+        return tf.Gemma2Config(num_hidden_layers=n_layers, num_key_value_heads=2, head_dim=8, sliding_window=4, **TINY)
+    if family == "gemma3_text":
+        return tf.Gemma3TextConfig(
+            num_hidden_layers=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"], **TINY
+        )
+    if family == "opt":
+        return tf.OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64, num_attention_heads=4, num_hidden_layers=n_layers,
+                            max_position_embeddings=64, word_embed_proj_dim=32, enable_bias=True)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=96, n_embd=32, n_layer=n_layers, n_head=4, n_positions=64,
+                             bos_token_id=1, eos_token_id=2)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                num_hidden_layers=n_layers, max_position_embeddings=64)
+    raise KeyError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "opt", "gpt2", "gpt_neox"]
+
+
+def make_tiny(family: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="eager")
+    return model.eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny_family(request):
+    return request.param
+
+
+@pytest.fixture
+def calib_ids():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(1, 96, (4, 16), generator=g)
+
+
+def data_dir() -> Path:
+    env = os.environ.get("ALSPARSE_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def real_model_dir():
+    """The real SmolLM2-135M as a cached HF directory (converted from the PyPI GGUF once)."""
+    from alsparse.sources import DEFAULT_MODEL, resolve
+
+    env = os.environ.get("ALSPARSE_TEST_MODEL_DIR")
+    if env and Path(env, "config.json").is_file():
+        return Path(env)
+    return Path(resolve(DEFAULT_MODEL))
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("ALSPARSE_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow tier: set ALSPARSE_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

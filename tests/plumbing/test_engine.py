@@ -1,0 +1,138 @@
+"""Engine contracts on tiny random models of every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from alsparse.api import prune_
+from alsparse.capture import capture_block_inputs, stream_blocks
+from alsparse.config import PruneConfig
+from alsparse.io import measure_sparsity, save
+from alsparse.models import UnsupportedModelError, decoder_blocks, find_linears
+from alsparse.pruning import PRUNERS
+from conftest import make_tiny
+
+
+def _block_outputs_full(model, ids):
+    """Outputs of every block during one ordinary full forward."""
+    outs, handles = [], []
+    for block in decoder_blocks(model):
+        handles.append(block.register_forward_hook(lambda m, a, o: outs.append((o[0] if isinstance(o, tuple) else o).clone())))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_streamed_forward_equals_full_forward(tiny_family, calib_ids):
+    model = make_tiny(tiny_family)
+    expected = _block_outputs_full(model, calib_ids)  # one micro-batch of 4
+    acts = capture_block_inputs(model, calib_ids, torch.device("cpu"), batch_size=2)
+    for step in stream_blocks(model, acts, torch.device("cpu")):
+        step.outputs = step.run()
+        got = torch.cat(step.outputs)
+        torch.testing.assert_close(got, expected[step.index], rtol=1e-5, atol=1e-5)
+    assert _hook_count(model) == 0
+
+
+@pytest.mark.parametrize("method", PRUNERS.names())
+def test_sparsity_zero_leaves_logits_unchanged(tiny_family, calib_ids, method):
+    model = make_tiny(tiny_family)
+    with torch.no_grad():
+        before = model(calib_ids).logits
+    prune_(model, calib_ids, PruneConfig(method=method, sparsity=0.0, batch_size=2))
+    with torch.no_grad():
+        after = model(calib_ids).logits
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("method", PRUNERS.names())
+def test_achieved_equals_allocated_and_state_restored(tiny_family, calib_ids, method):
+    model = make_tiny(tiny_family)
+    emb_before = model.get_input_embeddings().weight.clone()
+    head_before = model.get_output_embeddings().weight.clone()
+    model.train()
+    model.config.use_cache = True
+    report = prune_(model, calib_ids, PruneConfig(method=method, sparsity=0.5, batch_size=3))
+    assert model.training and model.config.use_cache is True
+    assert _hook_count(model) == 0
+    assert len(report.linears) == sum(len(find_linears(b)) for b in decoder_blocks(model))
+    for rec in report.linears:
+        # k = floor(s * group) per comparison group: a whole matrix, a row, or a SparseGPT column block
+        assert rec.achieved == pytest.approx(rec.allocated, abs=0.02), rec.name
+        assert rec.achieved <= rec.allocated + 1e-9
+    measured = measure_sparsity(model)
+    assert measured["total"] == pytest.approx(report.achieved_sparsity, abs=1e-12)
+    # embeddings and lm_head are never pruned
+    assert torch.equal(model.get_input_embeddings().weight, emb_before)
+    assert torch.equal(model.get_output_embeddings().weight, head_before)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_nm_patterns_are_exact(calib_ids, pattern):
+    n, m = map(int, pattern.split(":"))
+    model = make_tiny("llama")
+    prune_(model, calib_ids, PruneConfig(method="wanda", pattern=pattern))
+    for block in decoder_blocks(model):
+        for ref in find_linears(block):
+            zeros = (ref.weight_oi == 0).reshape(-1, m).sum(dim=1)
+            assert torch.all(zeros == n), ref.name
+
+
+def test_save_reload_identical_logits(tiny_family, calib_ids, tmp_path):
+    model = make_tiny(tiny_family)
+    report = prune_(model, calib_ids, PruneConfig(method="wanda", sparsity=0.5))
+    out = save(model, None, report, tmp_path / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert torch.equal(model(calib_ids).logits, reloaded(calib_ids).logits)
+    assert (out / "alsparse_report.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_save_refuses_existing_dir_and_leaves_it(tmp_path, calib_ids):
+    model = make_tiny("llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save(model, None, None, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    save(model, None, None, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_unsupported_family_lists_supported():
+    from transformers import BertConfig, BertLMHeadModel
+
+    model = BertLMHeadModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=32, is_decoder=True))
+    with pytest.raises(UnsupportedModelError, match="supported: .*llama"):
+        prune_(model, torch.randint(0, 50, (1, 8)), PruneConfig())
+
+
+def test_nm_incompatible_width_is_a_clear_error(calib_ids):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=36, intermediate_size=60, num_attention_heads=3,
+                                         num_key_value_heads=3, num_hidden_layers=1))
+    with pytest.raises(ValueError, match="divisible by 8"):
+        prune_(model, calib_ids, PruneConfig(pattern="4:8"))
+
+
+def test_deterministic_masks(calib_ids):
+    hashes = []
+    for _ in range(2):
+        model = make_tiny("llama")
+        report = prune_(model, calib_ids, PruneConfig(method="sparsegpt", sparsity=0.6))
+        hashes.append([r.mask_sha256 for r in report.linears])
+    assert hashes[0] == hashes[1]

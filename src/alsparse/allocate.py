@@ -225,3 +225,81 @@ def load_mapping(path: Optional[str]) -> dict[str, float]:
         return {str(k): float(v) for k, v in raw.items()}
     except (TypeError, ValueError) as exc:
         raise ValueError(f"allocation file {file}: every value must be a number ({exc})") from exc
+
+
+def _als_kwargs(config: PruneConfig) -> dict[str, Any]:
+    als = config.als
+    return dict(
+        delta=als.delta,
+        bounds_mode=als.bounds,
+        lo=als.s_min,
+        hi=als.s_max,
+        expression=als.expression,
+        solver=als.solver,
+        lp_method=als.lp_method,
+        granularity=als.granularity,
+        qp_lambda=als.qp_lambda,
+    )
+
+
+@register("als", needs=("features",), description="Adaptive Layer Sparsity: redundancy metric + linear program")
+def _als(ctx: AllocationContext):
+    from .allocation import als_allocate, als_joint, als_two_stage
+
+    level, kw, data = ctx.config.als.level, _als_kwargs(ctx.config), ctx.data
+    if level == "block":
+        result = als_allocate(data["block_psi"], ctx.sizes, ctx.target, **kw)
+    elif level == "joint":
+        result = als_joint(data["linear_psi"], ctx.sizes, ctx.target, **kw)
+    else:
+        blocks = sorted({u.block for u in ctx.units})
+        block_sizes = torch.tensor([sum(u.size for u in ctx.units if u.block == b) for b in blocks], dtype=torch.float64)
+        comp_sizes = [torch.tensor([u.size for u in ctx.units if u.block == b], dtype=torch.float64) for b in blocks]
+        result = als_two_stage(data["block_psi"], block_sizes, data["component_psis"], comp_sizes, ctx.target, **kw)
+    diagnostics = dict(result.diagnostics)
+    for key in ("block_psi", "linear_psi"):
+        if key in data:
+            diagnostics[key.replace("_psi", "_rm")] = data[key].tolist()
+    diagnostics["rm_tokens"] = data.get("rm_tokens")
+    return result.sparsity, diagnostics
+
+
+@register("owl", needs=("wanda",), description="OWL: less sparsity for blocks with more Wanda outliers")
+def _owl(ctx: AllocationContext):
+    from .allocation import owl_allocate
+
+    b = ctx.config.baselines
+    s = owl_allocate(ctx.data["lod"], ctx.sizes, ctx.target, lam=b.owl_lambda)
+    return s, {"lod": ctx.data["lod"].tolist(), "lambda": b.owl_lambda, "M": b.owl_m}
+
+
+@register("dlp", needs=("wanda",), description="DLP: density from each block's mean Wanda score")
+def _dlp(ctx: AllocationContext):
+    from .allocation import dlp_allocate
+
+    alpha = ctx.config.baselines.dlp_alpha
+    s = dlp_allocate(ctx.data["mean_scores"], ctx.sizes, ctx.target, alpha=alpha)
+    return s, {"mean_scores": ctx.data["mean_scores"].tolist(), "alpha": alpha}
+
+
+@register("alphapruning", description="AlphaPruning: heavy-tail exponent of each block's weight spectra")
+def _alphapruning(ctx: AllocationContext):
+    from .allocation import alphapruning_allocate, esd_alpha
+
+    eps = ctx.config.baselines.alpha_eps
+    alphas = []
+    for block in decoder_blocks(ctx.model):
+        refs = find_linears(block)
+        alphas.append(sum(esd_alpha(ref.weight_oi.detach()) for ref in refs) / len(refs))
+    block_alpha = torch.tensor(alphas, dtype=torch.float64)
+    return alphapruning_allocate(block_alpha, ctx.sizes, ctx.target, eps=eps), {"alpha": alphas, "eps": eps}
+
+
+@register("atp", description="ATP: sparsity increasing with depth (arithmetic progression, beta)")
+def _atp(ctx: AllocationContext):
+    from .allocation import atp_allocate
+
+    beta = ctx.config.baselines.atp_beta
+    if beta is None:
+        raise ValueError("allocation 'atp' needs a beta: pass atp_beta, or use alsparse.atp.select_beta to pick it")
+    return atp_allocate(len(ctx.units), ctx.sizes, ctx.target, beta), {"beta": beta}

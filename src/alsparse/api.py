@@ -34,10 +34,16 @@ def prune_(
         _check_calibration(calibration)
         with timer("capture"):
             acts = capture_block_inputs(model, calibration, device, config.batch_size, config.offload)
+    search = {}
+    if config.allocation == "atp" and config.baselines.atp_beta is None:
+        _check_calibration(calibration)
+        with timer("atp_search"):
+            config, search = _with_atp_beta(model, calibration, config)
     with timer("pass1"):
         data = collect_pass1(model, acts, device, config, needs) if needs else {}
     with timer("allocation"):
         allocation = allocate(model, config, data)
+        allocation.diagnostics.update(search)
     with timer("prune"):
         if acts is None:
             _prune_without_data(model, pruner, allocation, config, device)
@@ -47,6 +53,15 @@ def prune_(
     report = _make_report(model, config, allocation, timer, device, calibration, calibration_info)
     log.info("pruned to %.4f sparsity (target %.4f)", report.achieved_sparsity, config.sparsity)
     return report
+
+
+def _with_atp_beta(model, calibration, config):
+    import dataclasses
+
+    from .atp_search import select_beta
+
+    beta, search = select_beta(model, calibration, config)
+    return dataclasses.replace(config, baselines=dataclasses.replace(config.baselines, atp_beta=beta)), search
 
 
 def collect_pass1(model, acts, device, config, needs):

@@ -45,7 +45,7 @@ class ALSOptions:
     """Every ALS ambiguity is an option; defaults follow ../shared/ALS_SPEC.md."""
 
     level: str = "block"  # block | component | joint
-    feature: str = "input"  # block: input|output ; component: output|input
+    feature: str = "auto"  # auto: block input at block level, linear output at component level
     normalize: str = "center"  # center | standardize | none
     expression: str = "modified"  # modified: exp(-rho/mu) ; original: exp(-rho)
     solver: str = "lp"  # lp | qp
@@ -58,9 +58,15 @@ class ALSOptions:
     qp_lambda: float = 8.0
     tokens: Optional[int] = 4096  # m tokens kept per unit for RM; None = exact (all tokens)
 
+    def feature_for(self, level: str) -> str:
+        """The feature a unit of ``level`` ("block" or "linear") is summarised by."""
+        if self.feature != "auto":
+            return self.feature
+        return "input" if level == "block" else "output"
+
     def __post_init__(self) -> None:
         _choice("als level", self.level, ("block", "component", "joint"))
-        _choice("als feature", self.feature, ("input", "output"))
+        _choice("als feature", self.feature, ("auto", "input", "output"))
         _choice("als normalize", self.normalize, ("center", "standardize", "none"))
         _choice("als expression", self.expression, ("modified", "original"))
         _choice("als solver", self.solver, ("lp", "qp"))

@@ -1,0 +1,110 @@
+"""Pass 1: one dense stream over the blocks, collecting what the allocator declared it needs.
+
+"features": fixed-size RM summaries per unit (blocks and/or linears), never raw activations.
+"wanda": per block, the OWL outlier ratio and the mean Wanda score of all its linears.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .capture import Activations, stream_blocks
+from .config import PruneConfig
+from .pruning import InputStats
+from .pruning import functional as F
+from .redundancy.metric import redundancy_matrix
+from .redundancy.summary import FeatureSummary, select_tokens
+
+log = logging.getLogger(__name__)
+
+
+def collect(model, acts: Activations, device, config: PruneConfig, needs: frozenset) -> dict[str, Any]:
+    als = config.als
+    level = als.level if config.allocation == "als" else "block"
+    token_index = select_tokens(acts.tokens, als.tokens, config.seed) if "features" in needs else None
+    block_summaries: list[FeatureSummary] = []
+    linear_summaries: list[FeatureSummary] = []  # joint: every linear of every block
+    component_psis: list[torch.Tensor] = []  # two-stage: one [K, K] per block
+    lod, mean_scores = [], []
+    for step in stream_blocks(model, acts, device, desc="pass 1 (dense statistics)"):
+        hooks, per_linear, stats = {}, {}, {}
+        if "features" in needs and level in ("component", "joint"):
+            per_linear = {ref.name: FeatureSummary(token_index, als.normalize) for ref in step.linears}
+            hooks.update(_feature_hooks(per_linear, als.feature_for("linear")))
+        if "wanda" in needs:
+            stats = {ref.name: InputStats(ref.in_features, device, norms=True, hessian=False) for ref in step.linears}
+            for name, s in stats.items():
+                hooks[name] = _chain(hooks.get(name), lambda x, y, s=s: s.update(x))
+        step.outputs = step.run(hooks)
+        if "features" in needs and level in ("block", "component"):
+            side = step.inputs.hidden if als.feature_for("block") == "input" else step.outputs
+            block_summaries.append(_summarise(side, token_index, als.normalize))
+        if per_linear:
+            finished = [per_linear[ref.name] for ref in step.linears]
+            for summary in finished:
+                summary.finalize()
+            if level == "component":
+                component_psis.append(redundancy_matrix(finished))
+            else:
+                linear_summaries.extend(finished)
+        if stats:
+            scores = [F.wanda_scores(ref.weight_oi.float(), stats[ref.name].sq_norms) for ref in step.linears]
+            lod.append(_outlier_ratio(scores, config.baselines.owl_m))
+            mean_scores.append(float(torch.cat([s.flatten() for s in scores]).mean()))
+    data: dict[str, Any] = {}
+    if "features" in needs:
+        if block_summaries:
+            data["block_psi"] = redundancy_matrix(block_summaries)
+        if component_psis:
+            data["component_psis"] = component_psis
+        if linear_summaries:
+            data["linear_psi"] = redundancy_matrix(linear_summaries)
+        data["rm_tokens"] = int(token_index.numel())
+    if "wanda" in needs:
+        data["lod"] = torch.tensor(lod, dtype=torch.float64)
+        data["mean_scores"] = torch.tensor(mean_scores, dtype=torch.float64)
+    return data
+
+
+def _outlier_ratio(scores, m):
+    from .allocation.owl import outlier_ratio
+
+    return outlier_ratio(scores, m)
+
+
+def _feature_hooks(summaries: dict[str, FeatureSummary], side: str):
+    offsets = {name: 0 for name in summaries}
+
+    def make(name):
+        def hook(x, y):
+            feats = x if side == "input" else y
+            summaries[name].update(feats, offsets[name])
+            offsets[name] += feats.shape[0] * feats.shape[1]
+
+        return hook
+
+    return {name: make(name) for name in summaries}
+
+
+def _chain(first, second):
+    if first is None:
+        return second
+
+    def both(x, y):
+        first(x, y)
+        second(x, y)
+
+    return both
+
+
+def _summarise(hidden: list[torch.Tensor], token_index, normalize: str) -> FeatureSummary:
+    summary = FeatureSummary(token_index, normalize)
+    offset = 0
+    for h in hidden:  # [B, T, D] per micro-batch
+        summary.update(h, offset)
+        offset += h.shape[0] * h.shape[1]
+    summary.finalize()
+    return summary

@@ -88,3 +88,40 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+WORDS = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they "
+    "you were her she there one all we their been has when who will more no if out so said what up its about into "
+    "than them can only other new some time could these two may then do first any my now such like our over man me "
+    "even most made after also did many before must through back years where much your way well down should because"
+).split()[:90]  # ids 3..92 fit the tiny models' vocabulary of 96
+
+
+def tiny_tokenizer():
+    """An offline word-level tokenizer over WORDS (ids 3..), with <unk>=0, <s>=1, </s>=2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def word_text(n_words: int, seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(WORDS), (n_words,), generator=g).tolist()
+    lines = [" ".join(WORDS[i] for i in idx[k : k + 20]) for k in range(0, n_words, 20)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random LLaMA with a tokenizer, saved as a normal HF directory, plus a text corpus."""
+    root = tmp_path_factory.mktemp("tiny")
+    model = make_tiny("llama")
+    model.save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    (root / "corpus.txt").write_text(word_text(4000))
+    return root

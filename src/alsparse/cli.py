@@ -52,10 +52,25 @@ def _add_als_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--als-delta", type=float, default=0.2, help="relative bound S +- delta (default 0.2)")
     g.add_argument("--als-granularity", type=float, default=None, help="round ratios to multiples of g (paper 0.005)")
     g.add_argument("--als-solver", default="lp", help="lp | qp")
-    g.add_argument("--als-feature", default="input", help="input | output")
+    g.add_argument("--als-feature", default="auto", help="auto | input | output (auto: block input, linear output)")
     g.add_argument("--als-normalize", default="center", help="center | standardize | none")
     g.add_argument("--als-expression", default="modified", help="modified | original")
     g.add_argument("--als-tokens", type=int, default=4096, help="tokens kept per unit for RM (0 = all, exact)")
+    b = p.add_argument_group("baseline allocator options")
+    b.add_argument("--owl-lambda", type=float, default=0.08)
+    b.add_argument("--owl-m", type=float, default=5.0)
+    b.add_argument("--dlp-alpha", type=float, default=0.15)
+    b.add_argument("--alpha-eps", type=float, default=0.3)
+    b.add_argument("--atp-beta", type=float, default=None, help="default: chosen by held-out calibration loss")
+
+
+def _baseline_options(args):
+    from .config import BaselineOptions
+
+    return BaselineOptions(
+        owl_lambda=args.owl_lambda, owl_m=args.owl_m, dlp_alpha=args.dlp_alpha, alpha_eps=args.alpha_eps,
+        atp_beta=args.atp_beta,
+    )
 
 
 def _als_options(args):
@@ -97,7 +112,6 @@ def _resolve_device(requested: Optional[str]) -> str:
 def _cmd_prune(args) -> int:
     from .api import prune_
     from .config import PruneConfig
-    from .data.calibration import sample_calibration
     from .io import save
     from .sources import load_model
 
@@ -116,11 +130,13 @@ def _cmd_prune(args) -> int:
         batch_size=args.batch_size,
         offload=args.offload,
         als=_als_options(args),
+        baselines=_baseline_options(args),
     )
     logging.getLogger("alsparse").info("loading %s", args.model)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code)
     _check_seqlen(model, args.seqlen)
     calibration, calib_info = sample_calibration_from(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed)
+    _check_vocab(model, calibration)
     print(f"calibration: {calib_info['source']}, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}", file=sys.stderr)
     report = prune_(model, calibration, config, calibration_info=calib_info)
     save(model, tokenizer, report, out, overwrite=args.overwrite)
@@ -150,6 +166,12 @@ def _check_seqlen(model, seqlen: int) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and seqlen > limit:
         raise UsageError(f"--seqlen {seqlen} is longer than the model's context ({limit} positions)")
+
+
+def _check_vocab(model, ids) -> None:
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if int(ids.max()) >= vocab:
+        raise UsageError(f"the tokenizer produced token id {int(ids.max())} but the model has only {vocab} embeddings")
 
 
 def format_report(report) -> str:

@@ -24,8 +24,10 @@ def save(
     out_dir: str | os.PathLike,
     overwrite: bool = False,
     extra_files: Optional[dict[str, bytes]] = None,
+    plots: bool = True,
 ) -> Path:
-    """Write a normal HF directory (safetensors) + alsparse_report.json under a temporary name,
+    """Write a normal HF directory (safetensors) + alsparse_report.json (+ PNG plots of the
+    allocation and RM matrix) under a temporary name,
     then rename it into place. An existing ``out_dir`` is refused unless ``overwrite``; on any
     error the previous content is left as it was."""
     out = Path(out_dir)
@@ -39,6 +41,10 @@ def save(
             tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / REPORT_NAME).write_text(report.to_json())
+            if plots:
+                from .plots import write_plots
+
+                write_plots(report, tmp)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         _replace_dir(tmp, out)

@@ -82,7 +82,7 @@ def _feature_hooks(summaries: dict[str, FeatureSummary], side: str):
         def hook(x, y):
             feats = x if side == "input" else y
             summaries[name].update(feats, offsets[name])
-            offsets[name] += feats.shape[0] * feats.shape[1]
+            offsets[name] += feats.numel() // feats.shape[-1]  # [B, T, D] or [B*T, D] (OPT)
 
         return hook
 

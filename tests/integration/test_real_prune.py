@@ -1,0 +1,45 @@
+"""The real SmolLM2-135M and the real WikiText-2 validation text, through the CLI and the API."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alsparse.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+def _run(model_dir, out, *extra):
+    return main(["prune", str(model_dir), "--calib", "wikitext2", "--nsamples", "4", "--seqlen", "256",
+                 "--batch-size", "4", "--out", str(out), *extra])
+
+
+def test_wanda_50_through_the_cli(real_model_dir, tmp_path, capsys):
+    out = tmp_path / "wanda50"
+    assert _run(real_model_dir, out, "--method", "wanda", "--sparsity", "0.5") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["achieved_sparsity"] == pytest.approx(0.5, abs=1e-6)  # 576 and 1536 inputs: exact per row
+    assert summary["prunable_weights"] == 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536)
+    report = json.loads((out / "alsparse_report.json").read_text())
+    assert report["calibration"]["source"] == "wikitext2 validation"
+    assert len(report["linears"]) == 210
+    assert all(abs(r["achieved"] - 0.5) < 1e-9 for r in report["linears"])
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+def test_als_on_the_real_model(real_model_dir, tmp_path, capsys, sparsity):
+    out = tmp_path / f"als{sparsity}"
+    assert _run(real_model_dir, out, "--method", "wanda", "--sparsity", str(sparsity), "--allocation", "als") == 0
+    capsys.readouterr()
+    report = json.loads((out / "alsparse_report.json").read_text())
+    alloc = report["allocation"]
+    assert len(set(round(s, 4) for s in alloc["sparsity"])) > 1, "ALS must not be uniform on a real model"
+    assert alloc["mean_sparsity"] == pytest.approx(sparsity, abs=1e-6)
+    assert report["summary"]["achieved_sparsity"] == pytest.approx(sparsity, abs=2e-3)
+    assert min(alloc["sparsity"]) >= sparsity - 0.2 - 1e-9 and max(alloc["sparsity"]) <= sparsity + 0.2 + 1e-9
+    rm = alloc["diagnostics"]["block_rm"]
+    off = [rm[i][j] for i in range(30) for j in range(30) if i != j]
+    assert max(off) - min(off) > 0.2, "with centred features the RM matrix must be informative, not all ~1"
+    assert (out / "block_rm.png").is_file() and (out / "allocation.png").is_file()

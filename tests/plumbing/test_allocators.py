@@ -1,0 +1,86 @@
+"""Every registered allocator (and ALS level) on tiny models: exact mean, achieved == allocated,
+deterministic masks. A new allocator inherits these tests by being registered."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from alsparse.allocate import ALLOCATORS
+from alsparse.api import prune_
+from alsparse.config import ALSOptions, BaselineOptions, PruneConfig
+from conftest import make_tiny
+
+CASES = [(name, "block") for name in ALLOCATORS.names()] + [("als", "component"), ("als", "joint")]
+
+
+def _config(name, level, tmp_path, method="wanda", sparsity=0.5, pattern="unstructured", **als):
+    file = None
+    if name == "file":
+        file = tmp_path / "alloc.json"
+        file.write_text(json.dumps({"0": 0.3, "1": 0.6, "2": 0.6, "3": 0.5}))
+    return PruneConfig(
+        method=method, sparsity=sparsity, pattern=pattern, allocation=name, allocation_file=str(file) if file else None,
+        als=ALSOptions(level=level, tokens=48, **als), baselines=BaselineOptions(atp_grid=3),
+    )
+
+
+@pytest.mark.parametrize("name,level", CASES)
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "gemma2"])
+def test_allocator_contract(name, level, family, tmp_path):
+    ids = torch.randint(1, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    hashes = []
+    for _ in range(2):
+        model = make_tiny(family)
+        report = prune_(model, ids, _config(name, level, tmp_path))
+        hashes.append([r.mask_sha256 for r in report.linears])
+        alloc = report.allocation
+        if name != "file":  # a hand-written mapping need not average to the target
+            assert alloc["mean_sparsity"] == pytest.approx(0.5, abs=1e-6)
+            assert report.allocated_sparsity == pytest.approx(0.5, abs=1e-6)
+        for rec in report.linears:  # floor(s * group) per comparison group
+            assert rec.allocated - 0.05 <= rec.achieved <= rec.allocated + 1e-9, rec.name
+    assert hashes[0] == hashes[1], "same seed and inputs must give bit-identical masks"
+
+
+@pytest.mark.parametrize("name,level", [("als", "block"), ("als", "component"), ("owl", "block")])
+def test_mixed_nm_reports_the_mix_and_keeps_the_mean(name, level, tmp_path):
+    ids = torch.randint(1, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    model = make_tiny("llama")
+    report = prune_(model, ids, _config(name, level, tmp_path, pattern="4:8"))
+    nm = report.allocation["nm"]
+    assert nm["m"] == 8 and sum(nm["mix"].values()) == len(report.allocation["units"])
+    assert report.achieved_sparsity == pytest.approx(0.5, abs=0.02)
+    for rec in report.linears:  # every unit is exactly its own N:8
+        n = int(round(rec.allocated * 8))
+        assert rec.pattern == (f"{n}:8" if n else "unstructured")
+        assert rec.achieved == pytest.approx(n / 8, abs=1e-12)
+
+
+def test_als_allocation_is_non_uniform_and_reported(tmp_path):
+    ids = torch.randint(1, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    model = make_tiny("llama")
+    report = prune_(model, ids, _config("als", "block", tmp_path))
+    diag = report.allocation["diagnostics"]
+    assert len(set(round(s, 6) for s in report.allocation["sparsity"])) > 1
+    for key in ("rho", "mu", "w", "c", "block_rm"):
+        assert key in diag, key
+    rm = torch.tensor(diag["block_rm"])
+    assert torch.allclose(rm, rm.T) and torch.allclose(rm.diagonal(), torch.ones(3, dtype=rm.dtype))
+    assert {"capture", "pass1", "allocation", "prune"} <= set(report.timings_s)
+
+
+def test_allocation_file_missing_entry_is_clear(tmp_path):
+    file = tmp_path / "a.yaml"
+    file.write_text("0: 0.5\n1: 0.5\n")
+    cfg = PruneConfig(allocation="file", allocation_file=str(file))
+    with pytest.raises(ValueError, match="no entry for model.layers.2"):
+        prune_(make_tiny("llama"), torch.randint(1, 96, (2, 8)), cfg)
+
+
+def test_infeasible_als_bounds_name_the_target(tmp_path):
+    cfg = PruneConfig(allocation="als", sparsity=0.5, als=ALSOptions(bounds="absolute", s_min=0.6, s_max=0.8, tokens=16))
+    with pytest.raises(ValueError, match="0.5"):
+        prune_(make_tiny("llama"), torch.randint(1, 96, (2, 8)), cfg)

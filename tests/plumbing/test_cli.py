@@ -1,0 +1,104 @@
+"""The CLI in-process on a tiny saved model: happy paths and every bad-input row (exit codes,
+messages, nothing written)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from alsparse.cli import main
+
+
+def _prune_args(root, out, *extra):
+    return ["prune", str(root / "model"), "--calib", str(root / "corpus.txt"), "--nsamples", "4", "--seqlen", "16",
+            "--out", str(out), *extra]
+
+
+def _snapshot(path):
+    return sorted((p.relative_to(path), p.read_bytes()) for p in path.rglob("*") if p.is_file())
+
+
+def test_prune_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    code = main(_prune_args(tiny_model_dir, out, "--allocation", "als", "--als-tokens", "32", "--sparsity", "0.6"))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out)
+    assert summary["achieved_sparsity"] == pytest.approx(0.6, abs=0.02)
+    assert summary["calibration"]["windows"] == 4 and summary["calibration"]["seq_len"] == 16
+    assert "block  allocated  achieved" in captured.err
+    report = json.loads((out / "alsparse_report.json").read_text())
+    assert report["config"]["allocation"] == "als" and report["calibration"]["fingerprint"]
+    assert (out / "block_rm.png").is_file() and (out / "allocation.png").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    zeros = sum(int((p == 0).sum()) for n, p in reloaded.named_parameters() if "layers" in n and n.endswith("proj.weight"))
+    assert zeros > 0
+
+
+def test_ls_lists_registries(capsys):
+    assert main(["ls"]) == 0
+    out = capsys.readouterr().out
+    for name in ("magnitude", "wanda", "sparsegpt", "uniform", "als", "owl", "dlp", "alphapruning", "atp", "file"):
+        assert name in out
+
+
+BAD = [
+    (["--sparsity", "1.0"], "sparsity must be in [0, 1)"),
+    (["--sparsity", "-0.1"], "sparsity must be in [0, 1)"),
+    (["--pattern", "2-4"], "malformed"),
+    (["--pattern", "4:4"], "0 < N < M"),
+    (["--pattern", "3:6"], "divisible by 6"),
+    (["--method", "bogus"], "choose one of: magnitude, sparsegpt, wanda"),
+    (["--allocation", "bogus"], "choose one of:"),
+    (["--als-level", "bogus"], "als level"),
+    (["--seqlen", "100000"], "longer than the model's context"),
+    (["--nsamples", "0"], "--nsamples must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD)
+def test_bad_input_exits_2_and_writes_nothing(tiny_model_dir, tmp_path, capsys, extra, message):
+    before = _snapshot(tiny_model_dir)
+    out = tmp_path / "out"
+    assert main(_prune_args(tiny_model_dir, out, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+    assert _snapshot(tiny_model_dir) == before
+
+
+def test_existing_output_is_refused_then_overwritten(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    assert main(_prune_args(tiny_model_dir, out)) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "mine.txt").read_text() == "keep"
+    assert main(_prune_args(tiny_model_dir, out, "--overwrite")) == 0
+    assert not (out / "mine.txt").exists() and (out / "config.json").is_file()
+
+
+def test_unreadable_model_path(tmp_path, capsys):
+    assert main(["prune", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "neither a local directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["prune", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_calibration_shorter_than_one_window(tiny_model_dir, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("the of and\n")
+    out = tmp_path / "out"
+    args = ["prune", str(tiny_model_dir / "model"), "--calib", str(short), "--nsamples", "2", "--seqlen", "16", "--out", str(out)]
+    assert main(args) == 2
+    assert "tokens" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_usage_error_from_argparse_is_exit_2(capsys):
+    assert main(["prune"]) == 2
+    assert main(["frobnicate"]) == 2

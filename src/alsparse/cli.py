@@ -40,10 +40,49 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     pr.add_argument("--overwrite", action="store_true")
     pr.add_argument("--trust-remote-code", action="store_true")
+    pr.add_argument("--eval", action="store_true", help="evaluate dense and pruned models, side by side")
     _add_als_args(pr)
+    _add_eval_args(pr, prefix="eval-")
 
-    sub.add_parser("ls", help="list registered pruners and allocators")
+    ev = sub.add_parser("eval", help="evaluate a model: perplexity (named protocol) and zero-shot accuracy")
+    ev.add_argument("model", help="local HF directory, hub id, .gguf file, or 'smollm2-135m'")
+    ev.add_argument("--dtype", default="float32")
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--json", dest="json_out", help="also write the results as JSON to this file")
+    ev.add_argument("--trust-remote-code", action="store_true")
+    _add_eval_args(ev, prefix="")
+
+    sub.add_parser("ls", help="list registered pruners, allocators, corpora and tasks")
     return p
+
+
+def _add_eval_args(p: argparse.ArgumentParser, prefix: str) -> None:
+    g = p.add_argument_group("evaluation" + (" (with --eval)" if prefix else ""))
+    g.add_argument(f"--{prefix}ppl", default="wikitext2", help="comma-separated corpora for token-ppl ('' for none)")
+    g.add_argument(f"--{prefix}tasks", default="", help="comma-separated zero-shot tasks, e.g. piqa,arc_easy")
+    g.add_argument(f"--{prefix}limit", type=int, default=None, help="first N perplexity windows / documents")
+    g.add_argument(f"--{prefix}task-limit", type=int, default=None, help="first N items of each task")
+    g.add_argument(f"--{prefix}seq-len", type=int, default=None, help="perplexity window (default min(context, 2048))")
+    g.add_argument(f"--{prefix}batch-size", type=int, default=8, help="zero-shot batch size")
+    g.add_argument(f"--{prefix}word-ppl", action="store_true", help="also lm-eval's document-level word perplexity")
+
+
+def _eval_config(args, prefix: str):
+    from .eval import EvalConfig
+
+    def get(name):
+        return getattr(args, prefix + name)
+
+    split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
+    return EvalConfig(
+        ppl=split(get("ppl")),
+        tasks=split(get("tasks")),
+        seq_len=get("seq_len"),
+        limit=get("limit"),
+        task_limit=get("task_limit"),
+        batch_size=get("batch_size"),
+        word_ppl=get("word_ppl"),
+    )
 
 
 def _add_als_args(p: argparse.ArgumentParser) -> None:
@@ -90,6 +129,8 @@ def _als_options(args):
 
 def _cmd_ls(args) -> int:
     from .allocate import ALLOCATORS
+    from .data.tasks import task_names
+    from .data.text import CORPORA
     from .pruning import PRUNERS
 
     print("pruners:")
@@ -98,7 +139,39 @@ def _cmd_ls(args) -> int:
     print("allocators:")
     for name in ALLOCATORS:
         print(f"  {name:12s} {ALLOCATORS.get(name).description}")
+    print("corpora:", ", ".join(CORPORA.names()), "(or a path to a .txt file)")
+    print("tasks:", ", ".join(task_names()))
     return 0
+
+
+def _cmd_eval(args) -> int:
+    from .eval import evaluate, format_results
+    from .sources import load_model
+
+    cfg = _eval_config(args, "")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=_resolve_device(args.device),
+                                  trust_remote_code=args.trust_remote_code)
+    results = evaluate(model, tokenizer, cfg)
+    results["model"] = args.model
+    print(format_results(results))
+    if args.json_out:
+        write_json_atomic(Path(args.json_out), results)
+    return 0
+
+
+def write_json_atomic(path: Path, data) -> None:
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _resolve_device(requested: Optional[str]) -> str:
@@ -138,11 +211,49 @@ def _cmd_prune(args) -> int:
     calibration, calib_info = sample_calibration_from(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed)
     _check_vocab(model, calibration)
     print(f"calibration: {calib_info['source']}, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}", file=sys.stderr)
+    eval_cfg = _eval_config(args, "eval_") if args.eval else None
+    dense = _evaluate_on(model, tokenizer, eval_cfg, device, "dense") if eval_cfg else None
     report = prune_(model, calibration, config, calibration_info=calib_info)
-    save(model, tokenizer, report, out, overwrite=args.overwrite)
+    summary = {"out": str(out), **report.summary()}
+    extra = {}
+    if eval_cfg:
+        pruned = _evaluate_on(model, tokenizer, eval_cfg, device, "pruned")
+        summary["eval"] = {"dense": dense, "pruned": pruned}
+        extra["alsparse_eval.json"] = json.dumps(summary["eval"], indent=2, default=str).encode()
+    save(model, tokenizer, report, out, overwrite=args.overwrite, extra_files=extra)
     print(format_report(report), file=sys.stderr)
-    print(json.dumps({"out": str(out), **report.summary()}, indent=2))
+    if eval_cfg:
+        print(format_side_by_side(dense, pruned), file=sys.stderr)
+    print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def _evaluate_on(model, tokenizer, cfg, device, label):
+    from .eval import evaluate
+
+    logging.getLogger("alsparse").info("evaluating the %s model", label)
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        return evaluate(model, tokenizer, cfg)
+    finally:
+        model.to(home)
+
+
+def format_side_by_side(dense: dict, pruned: dict) -> str:
+    lines = [f"{'metric':48s} {'dense':>10s} {'pruned':>10s}"]
+    for name, r in dense["token_ppl"].items():
+        label = f"token-ppl {name} ({r['split']}, seq_len {r['seq_len']}, {r['windows']} windows)"
+        lines.append(f"{label:48s} {r['ppl']:10.4f} {pruned['token_ppl'][name]['ppl']:10.4f}")
+    for name, r in dense["word_ppl"].items():
+        lines.append(f"{'word-ppl ' + name:48s} {r['word_perplexity']:10.4f} {pruned['word_ppl'][name]['word_perplexity']:10.4f}")
+    for name, r in dense["tasks"].items():
+        label = f"{name} {r['metric_of_record']} (n={r['n']})"
+        lines.append(f"{label:48s} {r['value']:10.4f} {pruned['tasks'][name]['value']:10.4f}")
+    if dense.get("tasks_mean"):
+        lines.append(f"{'zero-shot mean (metric of record)':48s} {dense['tasks_mean']['value']:10.4f} "
+                     f"{pruned['tasks_mean']['value']:10.4f}")
+    return "\n".join(lines)
 
 
 def sample_calibration_from(source: str, tokenizer, nsamples: int, seqlen: int, seed: int):
@@ -185,7 +296,7 @@ def format_report(report) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"prune": _cmd_prune, "ls": _cmd_ls}
+COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "ls": _cmd_ls}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

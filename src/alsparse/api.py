@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from .allocate import Allocation, allocate, allocation_needs
-from .capture import BlockStep, capture_block_inputs, stream_blocks
+from .capture import BlockStep, capture_block_inputs, record_input_stats, stream_blocks
 from .config import PruneConfig
 from .models import decoder_blocks, find_linears, model_device, onload
-from .pruning import PRUNERS, InputStats, Pruner
+from .pruning import PRUNERS, Pruner
 from .report import LinearRecord, PruneReport, StageTimer, mask_sha256, peak_memory, versions
 
 log = logging.getLogger(__name__)
@@ -73,14 +73,8 @@ def collect_pass1(model, acts, device, config, needs):
 def _prune_block(step: BlockStep, pruner: Pruner, allocation: Allocation, config: PruneConfig) -> None:
     stats = {}
     if pruner.needs_calibration:
-        stats = {
-            ref.name: InputStats(ref.in_features, step.device, pruner.needs_norms, pruner.needs_hessian)
-            for ref in step.linears
-        }
-        step.run({name: (lambda x, y, s=s: s.update(x)) for name, s in stats.items()}, keep_outputs=False)
+        stats = record_input_stats(step, pruner.needs_norms, pruner.needs_hessian)
     for ref in step.linears:
-        if ref.name in stats:
-            stats[ref.name].check_finite(f"block {step.index} {ref.name}")
         _prune_linear(ref, stats.get(ref.name), step.index, pruner, allocation, config)
 
 

@@ -191,3 +191,35 @@ def _check_finite(outputs: list[torch.Tensor], index: int) -> None:
         raise FloatingPointError(
             f"block {index}: its outputs contain NaN/Inf (fp16 overflow?); load the model in bf16 or fp32"
         )
+
+
+def record_input_stats(step: BlockStep, norms: bool, hessian: bool) -> dict[str, "InputStats"]:
+    """Run the block once and accumulate each linear's input statistics. Linears fed the very same
+    tensor (q/k/v, gate/up) share one accumulator, so a SparseGPT Hessian is built once per input."""
+    from .pruning.stats import InputStats
+
+    owner: dict[str, str] = {}
+    stats: dict[str, InputStats] = {}
+    first_seen: dict[tuple, str] = {}
+    held: list[torch.Tensor] = []  # keeps micro-batch 0 inputs alive, so no address is reused
+
+    def make(ref: LinearRef):
+        def hook(x: torch.Tensor, y: torch.Tensor) -> None:
+            name = ref.name
+            if name not in owner:  # this linear's first call: micro-batch 0
+                key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+                owner[name] = first_seen.setdefault(key, name)
+                held.append(x)
+                if owner[name] == name:
+                    stats[name] = InputStats(ref.in_features, step.device, norms, hessian)
+            if owner[name] == name:
+                stats[name].update(x)
+
+        return hook
+
+    step.run({ref.name: make(ref) for ref in step.linears}, keep_outputs=False)
+    held.clear()
+    for name, first in owner.items():
+        if first == name:
+            stats[name].check_finite(f"block {step.index} {name}")
+    return {name: stats[first] for name, first in owner.items()}

@@ -136,3 +136,22 @@ def test_deterministic_masks(calib_ids):
         report = prune_(model, calib_ids, PruneConfig(method="sparsegpt", sparsity=0.6))
         hashes.append([r.mask_sha256 for r in report.linears])
     assert hashes[0] == hashes[1]
+
+
+def test_linears_fed_the_same_input_share_statistics(calib_ids):
+    from alsparse.capture import record_input_stats
+    from alsparse.pruning import InputStats
+
+    model = make_tiny("llama")
+    acts = capture_block_inputs(model, calib_ids, torch.device("cpu"), batch_size=2)
+    step = next(stream_blocks(model, acts, torch.device("cpu")))
+    shared = record_input_stats(step, norms=True, hessian=True)
+    assert shared["self_attn.q_proj"] is shared["self_attn.k_proj"] is shared["self_attn.v_proj"]
+    assert shared["mlp.gate_proj"] is shared["mlp.up_proj"]
+    assert shared["mlp.gate_proj"] is not shared["self_attn.q_proj"]  # same shape, different tensor
+    # identical to accumulating every linear separately
+    separate = {ref.name: InputStats(ref.in_features, "cpu", True, True) for ref in step.linears}
+    step.run({n: (lambda x, y, s=s: s.update(x)) for n, s in separate.items()}, keep_outputs=False)
+    for name, s in separate.items():
+        torch.testing.assert_close(shared[name].xtx, s.xtx)
+        assert shared[name].tokens == s.tokens == calib_ids.numel()

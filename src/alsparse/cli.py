@@ -262,13 +262,14 @@ def sample_calibration_from(source: str, tokenizer, nsamples: int, seqlen: int, 
 
     if nsamples < 1 or seqlen < 2:
         raise UsageError(f"--nsamples must be >= 1 and --seqlen >= 2, got {nsamples} and {seqlen}")
-    path = Path(source)
-    if path.suffix == ".txt" or path.exists():
-        text = load_corpus(str(path), "train")
-        name = str(path)
+    from .data.text import CORPORA, is_text_path
+
+    if is_text_path(source):
+        text, name = load_corpus(source), source
     else:
-        text = load_corpus(source, "validation")
-        name = f"{source} validation"
+        # never calibrate on the split the corpus's perplexity is reported on
+        split = "train" if CORPORA.get(source).eval_split == "validation" else "validation"
+        text, name = load_corpus(source, split), f"{source} {split}"
     ids = sample_calibration(tokenizer, text, nsamples, seqlen, seed)
     return ids, {"source": name, "seed": seed, "fingerprint": fingerprint(ids)}
 

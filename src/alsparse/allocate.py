@@ -261,6 +261,7 @@ def _als(ctx: AllocationContext):
         if key in data:
             diagnostics[key.replace("_psi", "_rm")] = data[key].tolist()
     diagnostics["rm_tokens"] = data.get("rm_tokens")
+    diagnostics["rm_windows"] = data.get("rm_windows")
     return result.sparsity, diagnostics
 
 

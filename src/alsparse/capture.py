@@ -47,6 +47,17 @@ class Activations:
     def with_hidden(self, hidden: list[torch.Tensor]) -> "Activations":
         return Activations(hidden, self.calls, self.store)
 
+    def head(self, windows: Optional[int]) -> "Activations":
+        """The first micro-batches covering at least ``windows`` calibration windows (None: all)."""
+        if windows is None:
+            return self
+        count, taken = 0, 0
+        while taken < len(self.hidden) and count < windows:
+            count += self.hidden[taken].shape[0]
+            taken += 1
+        calls = {kind: per_batch[:taken] for kind, per_batch in self.calls.items()}
+        return Activations(self.hidden[:taken], calls, self.store)
+
 
 def _split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
     kwargs = dict(kwargs)

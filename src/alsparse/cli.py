@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="float32")
     ev.add_argument("--device", default=None)
     ev.add_argument("--json", dest="json_out", help="also write the results as JSON to this file")
+    ev.add_argument("--stream", action="store_true",
+                    help="keep the model on CPU and onload one block at a time to --device (models larger than it)")
     ev.add_argument("--trust-remote-code", action="store_true")
     _add_eval_args(ev, prefix="")
 
@@ -95,6 +97,7 @@ def _add_als_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--als-normalize", default="center", help="center | standardize | none")
     g.add_argument("--als-expression", default="modified", help="modified | original")
     g.add_argument("--als-tokens", type=int, default=4096, help="tokens kept per unit for RM (0 = all, exact)")
+    g.add_argument("--als-windows", type=int, default=8, help="calibration windows pass 1 runs (0 = all; paper 16)")
     b = p.add_argument_group("baseline allocator options")
     b.add_argument("--owl-lambda", type=float, default=0.08)
     b.add_argument("--owl-m", type=float, default=5.0)
@@ -124,6 +127,7 @@ def _als_options(args):
         normalize=args.als_normalize,
         expression=args.als_expression,
         tokens=args.als_tokens or None,
+        windows=args.als_windows or None,
     )
 
 
@@ -145,13 +149,22 @@ def _cmd_ls(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    import torch
+
     from .eval import evaluate, format_results
     from .sources import load_model
 
+    from .models import streamed
+
     cfg = _eval_config(args, "")
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=_resolve_device(args.device),
+    device = _resolve_device(args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu" if args.stream else device,
                                   trust_remote_code=args.trust_remote_code)
-    results = evaluate(model, tokenizer, cfg)
+    if args.stream:
+        with streamed(model, torch.device(device)):
+            results = evaluate(model, tokenizer, cfg)
+    else:
+        results = evaluate(model, tokenizer, cfg)
     results["model"] = args.model
     print(format_results(results))
     if args.json_out:

@@ -57,6 +57,10 @@ class ALSOptions:
     granularity: Optional[float] = None  # e.g. 0.005 (paper); None = no rounding
     qp_lambda: float = 8.0
     tokens: Optional[int] = 4096  # m tokens kept per unit for RM; None = exact (all tokens)
+    # pass 1 runs the first `windows` calibration windows only (None: all). The paper uses 16
+    # sequences (an appendix: 2; "accuracy barely moves between 2 and 256"); 8 keeps the ALS
+    # overhead (pass 1 + LP) under a quarter of Wanda's two passes over 32 windows.
+    windows: Optional[int] = 8
 
     def feature_for(self, level: str) -> str:
         """The feature a unit of ``level`` ("block" or "linear") is summarised by."""
@@ -78,6 +82,8 @@ class ALSOptions:
             raise ValueError(f"als granularity must be in (0, 0.5), got {self.granularity}")
         if self.bounds == "absolute" and (self.s_min is None or self.s_max is None):
             raise ValueError("als bounds='absolute' needs s_min and s_max")
+        if self.windows is not None and self.windows < 1:
+            raise ValueError(f"als windows must be >= 1 or None (all), got {self.windows}")
         if self.tokens is not None and self.tokens < 2:
             raise ValueError(f"als tokens must be >= 2 or None (exact), got {self.tokens}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -155,3 +156,30 @@ def inference_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
         if config is not None:
             config.use_cache = old_cache
+
+
+@contextlib.contextmanager
+def streamed(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """Run ordinary forwards with the blocks kept where they are (CPU) and each one onloaded to
+    ``device`` just for its own forward: device memory is one block plus the activations."""
+    blocks = decoder_blocks(model)
+    homes = [next(block.parameters()).device for block in blocks]
+    handles = []
+
+    def onload_hook(module, args):  # hooks must return None, or they replace args / outputs
+        module.to(device)
+
+    def offload_hook(module, args, output, home):
+        module.to(home)
+
+    for block, home in zip(blocks, homes):
+        handles.append(block.register_forward_pre_hook(onload_hook))
+        handles.append(block.register_forward_hook(functools.partial(offload_hook, home=home)))
+    try:
+        with onload_except(model, blocks, device):
+            yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for block, home in zip(blocks, homes):  # an exception mid-forward may leave one onloaded
+            block.to(home)

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 def collect(model, acts: Activations, device, config: PruneConfig, needs: frozenset) -> dict[str, Any]:
     als = config.als
     level = als.level if config.allocation == "als" else "block"
+    if needs == frozenset({"features"}):
+        acts = acts.head(als.windows)  # RM needs few sequences; Wanda statistics use them all
     token_index = select_tokens(acts.tokens, als.tokens, config.seed) if "features" in needs else None
     block_summaries: list[FeatureSummary] = []
     linear_summaries: list[FeatureSummary] = []  # joint: every linear of every block
@@ -63,6 +65,7 @@ def collect(model, acts: Activations, device, config: PruneConfig, needs: frozen
         if linear_summaries:
             data["linear_psi"] = redundancy_matrix(linear_summaries)
         data["rm_tokens"] = int(token_index.numel())
+        data["rm_windows"] = sum(h.shape[0] for h in acts.hidden)
     if "wanda" in needs:
         data["lod"] = torch.tensor(lod, dtype=torch.float64)
         data["mean_scores"] = torch.tensor(mean_scores, dtype=torch.float64)

@@ -84,3 +84,12 @@ def test_infeasible_als_bounds_name_the_target(tmp_path):
     cfg = PruneConfig(allocation="als", sparsity=0.5, als=ALSOptions(bounds="absolute", s_min=0.6, s_max=0.8, tokens=16))
     with pytest.raises(ValueError, match="0.5"):
         prune_(make_tiny("llama"), torch.randint(1, 96, (2, 8)), cfg)
+
+
+def test_als_pass1_uses_only_the_first_windows(tmp_path):
+    ids = torch.randint(1, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    for windows, expected in ((2, 2), (None, 8)):
+        cfg = PruneConfig(allocation="als", batch_size=2, als=ALSOptions(windows=windows, tokens=None))
+        report = prune_(make_tiny("llama"), ids, cfg)
+        diag = report.allocation["diagnostics"]
+        assert diag["rm_windows"] == expected and diag["rm_tokens"] == expected * 16

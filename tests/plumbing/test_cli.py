@@ -102,3 +102,46 @@ def test_calibration_shorter_than_one_window(tiny_model_dir, tmp_path, capsys):
 def test_usage_error_from_argparse_is_exit_2(capsys):
     assert main(["prune"]) == 2
     assert main(["frobnicate"]) == 2
+
+
+def test_eval_cli_writes_json_and_prints_protocols(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "res" / "eval.json"
+    code = main(["eval", str(tiny_model_dir / "model"), "--ppl", str(tiny_model_dir / "corpus.txt"),
+                 "--seq-len", "32", "--limit", "3", "--json", str(out), "--stream"])
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert code == 0, captured.err
+    assert "token-ppl" in printed and "word-ppl" not in printed
+    result = json.loads(out.read_text())
+    (ppl,) = result["token_ppl"].values()
+    assert ppl["windows"] == 3 and ppl["seq_len"] == 32 and ppl["ppl"] > 1
+
+
+EVAL_BAD = [
+    (["--tasks", "nope"], "choose one of:"),
+    (["--ppl", "nope"], "choose one of:"),
+    (["--seq-len", "100000"], "exceeds the model's context"),
+]
+
+
+@pytest.mark.parametrize("extra,message", EVAL_BAD)
+def test_eval_bad_input_exits_2(tiny_model_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tiny_model_dir / "model"), "--json", str(out), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_eval_missing_data_names_where_it_looked(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ALSPARSE_DATA", str(tmp_path / "no-data"))
+    assert main(["eval", str(tiny_model_dir / "model"), "--ppl", "wikitext2", "--limit", "1"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "no-data") in err and "ALSPARSE_DATA" in err
+
+
+def test_model_without_tokenizer_is_a_clear_error(tmp_path, capsys):
+    from conftest import make_tiny
+
+    make_tiny("llama").save_pretrained(tmp_path / "bare")
+    assert main(["eval", str(tmp_path / "bare"), "--limit", "1"]) == 2
+    assert "tokenizer" in capsys.readouterr().err

@@ -155,3 +155,24 @@ def test_linears_fed_the_same_input_share_statistics(calib_ids):
     for name, s in separate.items():
         torch.testing.assert_close(shared[name].xtx, s.xtx)
         assert shared[name].tokens == s.tokens == calib_ids.numel()
+
+
+def test_activations_head_takes_whole_micro_batches(calib_ids):
+    acts = capture_block_inputs(make_tiny("llama"), calib_ids, torch.device("cpu"), batch_size=3)
+    assert [h.shape[0] for h in acts.hidden] == [3, 1]
+    head = acts.head(2)
+    assert len(head.hidden) == 1 and head.tokens == 3 * 16
+    assert all(len(calls) == 1 for calls in head.calls.values())
+    assert acts.head(None) is acts and acts.head(100).tokens == acts.tokens
+
+
+def test_streamed_forward_is_exact_and_leaves_no_hooks(calib_ids):
+    from alsparse.models import streamed
+
+    model = make_tiny("llama")
+    with torch.no_grad():
+        expected = model(calib_ids).logits
+        with streamed(model, torch.device("cpu")):
+            got = model(calib_ids).logits
+    assert torch.equal(got, expected)
+    assert _hook_count(model) == 0

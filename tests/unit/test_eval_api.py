@@ -97,3 +97,21 @@ def test_format_results_without_tasks_prints_only_ppl():
                                      "tokens": 14, "bos": False, "ppl": 12.5}}, "word_ppl": {}, "tasks": {}}
     text = format_results(results)
     assert text.startswith("token-ppl") and "12.5000" in text and "zero-shot" not in text
+
+
+def test_lm_eval_adapter_without_the_package_is_a_clear_error(monkeypatch):
+    import builtins
+
+    from alsparse.eval import lm_eval_adapter
+
+    real_import = builtins.__import__
+
+    def no_lm_eval(name, *args, **kwargs):
+        if name == "lm_eval" or name.startswith("lm_eval."):
+            raise ImportError("no lm_eval")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+    assert not lm_eval_adapter.lm_eval_available()
+    with pytest.raises(ImportError, match=r"pip install 'alsparse\[eval\]'"):
+        lm_eval_adapter.evaluate_with_lm_eval(object(), object(), ["piqa"])

@@ -48,7 +48,7 @@ def prune_(
         if acts is None:
             _prune_without_data(model, pruner, allocation, config, device)
         else:
-            for step in stream_blocks(model, acts, device, desc=f"{config.method} pruning"):
+            for step in stream_blocks(model, acts, device, desc=f"{config.method} pruning", consume=True):
                 _prune_block(step, pruner, allocation, config)
     report = _make_report(model, config, allocation, timer, device, calibration, calibration_info)
     log.info("pruned to %.4f sparsity (target %.4f)", report.achieved_sparsity, config.sparsity)

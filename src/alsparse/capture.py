@@ -152,6 +152,7 @@ class BlockStep:
     inputs: Activations
     device: torch.device
     linears: list[LinearRef] = field(default_factory=list)
+    owns_inputs: bool = False  # True: outputs may overwrite the inputs, micro-batch by micro-batch
 
     def run(
         self,
@@ -159,17 +160,21 @@ class BlockStep:
         keep_outputs: bool = True,
     ) -> Optional[list[torch.Tensor]]:
         """Run every micro-batch through the block; ``hooks[name](x, y)`` sees each named linear's
-        input ``x [B, T, I]`` and output ``y [B, T, O]``."""
+        input ``x [B, T, I]`` and output ``y [B, T, O]``. When the step owns its inputs, each
+        output replaces its input as soon as it is computed, so activations are held once."""
         modules = {ref.name: ref.module for ref in self.linears}
         handles = [
             modules[name].register_forward_hook(lambda mod, args, out, fn=fn: fn(args[0], out))
             for name, fn in (hooks or {}).items()
         ]
-        outputs: list[torch.Tensor] = []
+        in_place = keep_outputs and self.owns_inputs
+        outputs: list[torch.Tensor] = self.inputs.hidden if in_place else []
         try:
-            for hidden, call in zip(self.inputs.hidden, self.inputs.calls[self.layer_type]):
-                out = _first(self.block(hidden.to(self.device), *call.args, **call.kwargs))
-                if keep_outputs:
+            for j, call in enumerate(self.inputs.calls[self.layer_type]):
+                out = _first(self.block(self.inputs.hidden[j].to(self.device), *call.args, **call.kwargs))
+                if in_place:
+                    outputs[j] = out.to(self.inputs.store)
+                elif keep_outputs:
                     outputs.append(out.to(self.inputs.store))
         finally:
             for handle in handles:
@@ -178,17 +183,18 @@ class BlockStep:
 
 
 def stream_blocks(
-    model: nn.Module, inputs: Activations, device: torch.device, desc: str = "blocks"
+    model: nn.Module, inputs: Activations, device: torch.device, desc: str = "blocks", consume: bool = False
 ) -> Iterator[BlockStep]:
     """Yield each block onloaded to ``device``; after the caller is done with a step, its
     outputs (recomputed with whatever the caller changed) become the next block's inputs.
-    The caller may set ``step.outputs`` to reuse outputs it already computed."""
+    The caller may set ``step.outputs`` to reuse outputs it already computed. ``inputs`` itself is
+    overwritten only with ``consume=True``; later blocks' inputs are always the stream's own."""
     blocks = decoder_blocks(model)
     types = layer_types(model, len(blocks))
     with inference_mode(model):
         for index in tqdm(range(len(blocks)), desc=desc, unit="block", leave=False):
             with onload(blocks[index], device) as block:
-                step = BlockStep(index, block, types[index], inputs, device, find_linears(block))
+                step = BlockStep(index, block, types[index], inputs, device, find_linears(block), consume or index > 0)
                 yield step
                 outputs = getattr(step, "outputs", None)
                 if outputs is None:

@@ -40,10 +40,12 @@ def collect(model, acts: Activations, device, config: PruneConfig, needs: frozen
             stats = {ref.name: InputStats(ref.in_features, device, norms=True, hessian=False) for ref in step.linears}
             for name, s in stats.items():
                 hooks[name] = _chain(hooks.get(name), lambda x, y, s=s: s.update(x))
+        block_features = "features" in needs and level in ("block", "component")
+        if block_features and als.feature_for("block") == "input":  # before the run may overwrite them
+            block_summaries.append(_summarise(step.inputs.hidden, token_index, als.normalize))
         step.outputs = step.run(hooks)
-        if "features" in needs and level in ("block", "component"):
-            side = step.inputs.hidden if als.feature_for("block") == "input" else step.outputs
-            block_summaries.append(_summarise(side, token_index, als.normalize))
+        if block_features and als.feature_for("block") == "output":
+            block_summaries.append(_summarise(step.outputs, token_index, als.normalize))
         if per_linear:
             finished = [per_linear[ref.name] for ref in step.linears]
             for summary in finished:

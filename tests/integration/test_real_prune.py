@@ -43,3 +43,27 @@ def test_als_on_the_real_model(real_model_dir, tmp_path, capsys, sparsity):
     off = [rm[i][j] for i in range(30) for j in range(30) if i != j]
     assert max(off) - min(off) > 0.2, "with centred features the RM matrix must be informative, not all ~1"
     assert (out / "block_rm.png").is_file() and (out / "allocation.png").is_file()
+
+
+def test_quality_ordering_dense_wanda_magnitude(real_model_dir):
+    """Sanity: token-ppl(dense) < token-ppl(Wanda 50%) < token-ppl(magnitude 50%)."""
+    import torch
+
+    import alsparse
+    from alsparse.data.calibration import load_calibration
+
+    def ppl(model, tokenizer):
+        cfg = alsparse.EvalConfig(ppl=("wikitext2",), seq_len=1024, limit=3)
+        return alsparse.evaluate(model, tokenizer, cfg)["token_ppl"]["wikitext2"]["ppl"]
+
+    model, tokenizer = alsparse.load_model(str(real_model_dir))
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    dense = ppl(model, tokenizer)
+    calib = load_calibration(tokenizer, nsamples=4, seqlen=256, seed=0)
+    alsparse.prune_(model, calib, alsparse.PruneConfig(method="wanda", sparsity=0.5))
+    wanda = ppl(model, tokenizer)
+    model.load_state_dict(dense_state)
+    alsparse.prune_(model, None, alsparse.PruneConfig(method="magnitude", sparsity=0.5))
+    magnitude = ppl(model, tokenizer)
+    assert dense < wanda < magnitude, (dense, wanda, magnitude)
+    assert wanda < 2.5 * dense and magnitude > 3 * dense

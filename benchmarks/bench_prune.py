@@ -27,7 +27,7 @@ def run_one(method: str, allocation: str, batch_size: int, args, workdir: Path) 
     cmd = [sys.executable, "-m", "alsparse", "prune", args.model, "--method", method, "--allocation", allocation,
            "--sparsity", str(args.sparsity), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
            "--batch-size", str(batch_size), "--out", str(out), "--overwrite"]
-    if args.ppl_windows:
+    if args.ppl_windows and f"{method}:{allocation}" in args.ppl_for.split(","):
         cmd += ["--eval", "--eval-ppl", "wikitext2", "--eval-limit", str(args.ppl_windows), "--eval-seq-len", "1024"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -44,7 +44,7 @@ def run_one(method: str, allocation: str, batch_size: int, args, workdir: Path) 
         "peak_rss_gib": summary["peak_memory"]["peak_rss_gib"],  # measured in the run, before saving
         "achieved_sparsity": summary["achieved_sparsity"],
     }
-    if args.ppl_windows:
+    if "eval" in summary:
         row["dense_ppl"] = summary["eval"]["dense"]["token_ppl"]["wikitext2"]["ppl"]
         row["pruned_ppl"] = summary["eval"]["pruned"]["token_ppl"]["wikitext2"]["ppl"]
     return row
@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--ppl-windows", type=int, default=0, help="token-ppl over the first N x 1024 test windows")
+    p.add_argument("--ppl-for", default="wanda:uniform,wanda:als", help="method:allocation runs that get the ppl")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args()
     rows = []

@@ -145,3 +145,13 @@ def test_model_without_tokenizer_is_a_clear_error(tmp_path, capsys):
     make_tiny("llama").save_pretrained(tmp_path / "bare")
     assert main(["eval", str(tmp_path / "bare"), "--limit", "1"]) == 2
     assert "tokenizer" in capsys.readouterr().err
+
+
+def test_corrupt_gguf_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ALSPARSE_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    assert main(["prune", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "cannot read GGUF file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert not any((tmp_path / "cache").rglob("config.json"))  # nothing half-converted is cached

@@ -78,31 +78,33 @@ def _check_summaries(summaries: list[FeatureSummary]) -> None:
 
 
 def _feature_space_products(summaries: list[FeatureSummary]) -> torch.Tensor:
-    """P_ij = ||X_i^T X_j||_F^2 ``[L, L]`` float64, pairwise (each X converted to float64 once)."""
-    features = [summary.matrix.double() for summary in summaries]  # L x [m, d_i]
+    """P_ij = ||X_i^T X_j||_F^2 ``[L, L]`` float64, pairwise. Products are formed in the stored
+    precision (float32) and reduced in float64, so no float64 copy of every unit is held."""
+    features = [summary.matrix for summary in summaries]  # L x [m, d_i]
     size = len(features)
     products = torch.zeros(size, size, dtype=torch.float64)
     for i in range(size):
         for j in range(i, size):
-            value = float(torch.linalg.matrix_norm(features[i].T @ features[j]) ** 2)
-            products[i, j] = products[j, i] = value
+            cross = (features[i].T @ features[j]).double()  # [d_i, d_j]
+            products[i, j] = products[j, i] = float(torch.sum(cross * cross))
     return products
 
 
 def _gram_space_products(summaries: list[FeatureSummary]) -> torch.Tensor:
-    """P_ij = <K_i, K_j>_F ``[L, L]`` float64, accumulated over row chunks of the Grams so that
-    no float64 copy of all L Grams is ever held (rows-stored units build their Gram rows on the fly)."""
+    """P_ij = <K_i, K_j>_F ``[L, L]`` float64, accumulated over row chunks of the Grams: one
+    float64 chunk ``[L, c m]`` (about 128 MiB) is held at a time; rows-stored units build their
+    Gram rows on the fly in the stored precision."""
     size, m = len(summaries), summaries[0].num_tokens
-    features = [s.matrix.double() if s.kind == "rows" else None for s in summaries]  # [m, d_i]
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // (size * m))
-    products = torch.zeros(size, size, dtype=torch.float64, device=summaries[0].matrix.device)
+    device = summaries[0].matrix.device
+    products = torch.zeros(size, size, dtype=torch.float64, device=device)
     for start in range(0, m, rows_per_chunk):
         stop = min(start + rows_per_chunk, m)
-        pieces = [
-            summary.matrix[start:stop].double() if x is None else x[start:stop] @ x.T  # [c, m]
-            for summary, x in zip(summaries, features)
-        ]
-        block = torch.stack([piece.flatten() for piece in pieces])  # [L, c m]
+        block = torch.empty(size, (stop - start) * m, dtype=torch.float64, device=device)  # [L, c m]
+        for unit, summary in enumerate(summaries):
+            x = summary.matrix
+            piece = x[start:stop] if summary.kind == "gram" else x[start:stop] @ x.T  # [c, m]
+            block[unit] = piece.flatten()
         products += block @ block.T
     return products.cpu()
 

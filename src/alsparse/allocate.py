@@ -278,9 +278,9 @@ def _owl(ctx: AllocationContext):
 def _dlp(ctx: AllocationContext):
     from .allocation import dlp_allocate
 
-    alpha = ctx.config.baselines.dlp_alpha
-    s = dlp_allocate(ctx.data["mean_scores"], ctx.sizes, ctx.target, alpha=alpha)
-    return s, {"mean_scores": ctx.data["mean_scores"].tolist(), "alpha": alpha}
+    b = ctx.config.baselines
+    s = dlp_allocate(ctx.data["mean_scores"], ctx.sizes, ctx.target, alpha=b.dlp_alpha, score_means=b.dlp_score_means)
+    return s, {"mean_scores": ctx.data["mean_scores"].tolist(), "alpha": b.dlp_alpha, "score_means": b.dlp_score_means}
 
 
 @register("alphapruning", description="AlphaPruning: heavy-tail exponent of each block's weight spectra")

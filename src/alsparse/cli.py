@@ -91,6 +91,9 @@ def _add_als_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ALS options (with --allocation als)")
     g.add_argument("--als-level", default="block", help="block | component | joint")
     g.add_argument("--als-delta", type=float, default=0.2, help="relative bound S +- delta (default 0.2)")
+    g.add_argument("--als-bounds", default="relative", help="relative (S +- delta) | absolute (--als-smin/--als-smax)")
+    g.add_argument("--als-smin", type=float, default=None, help="absolute lower bound on a unit's sparsity")
+    g.add_argument("--als-smax", type=float, default=None, help="absolute upper bound on a unit's sparsity")
     g.add_argument("--als-granularity", type=float, default=None, help="round ratios to multiples of g (paper 0.005)")
     g.add_argument("--als-solver", default="lp", help="lp | qp")
     g.add_argument("--als-feature", default="auto", help="auto | input | output (auto: block input, linear output)")
@@ -121,6 +124,9 @@ def _als_options(args):
     return ALSOptions(
         level=args.als_level,
         delta=args.als_delta,
+        bounds=args.als_bounds,
+        s_min=args.als_smin,
+        s_max=args.als_smax,
         granularity=args.als_granularity,
         solver=args.als_solver,
         feature=args.als_feature,

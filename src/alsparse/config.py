@@ -93,6 +93,7 @@ class BaselineOptions:
     owl_lambda: float = 0.08
     owl_m: float = 5.0
     dlp_alpha: float = 0.15
+    dlp_score_means: str = "unimportance"  # the spec's / reference code's sign; "importance" flips it
     alpha_eps: float = 0.3
     atp_beta: Optional[float] = None  # None: chosen by held-out calibration loss
     atp_grid: int = 5

@@ -54,6 +54,8 @@ BAD = [
     (["--method", "bogus"], "choose one of: magnitude, sparsegpt, wanda"),
     (["--allocation", "bogus"], "choose one of:"),
     (["--als-level", "bogus"], "als level"),
+    (["--allocation", "als", "--als-bounds", "absolute"], "needs s_min and s_max"),
+    (["--allocation", "als", "--als-bounds", "absolute", "--als-smin", "0.6", "--als-smax", "0.8"], "infeasible"),
     (["--seqlen", "100000"], "longer than the model's context"),
     (["--nsamples", "0"], "--nsamples must be >= 1"),
 ]

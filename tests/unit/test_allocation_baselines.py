@@ -73,12 +73,12 @@ def test_owl_direction_scale_and_equal_inputs():
 def test_dlp_direction_and_equal_inputs():
     s = dlp_allocate(-STATS, SIZES, 0.7, alpha=0.15)  # |mean| used
     order = torch.argsort(STATS)
-    assert bool((s[order][1:] < s[order][:-1]).all())  # larger importance -> denser
+    assert bool((s[order][1:] > s[order][:-1]).all())  # the spec's r is a density: larger score -> sparser
     assert float(s.max() - s.min()) == pytest.approx(0.30)
     torch.testing.assert_close(dlp_allocate(torch.full((5,), 2.0), torch.ones(5), 0.7), uniform(5, 0.7))
-    reference_sign = dlp_allocate(STATS, SIZES, 0.7, score_means="unimportance")
-    assert bool((reference_sign[order][1:] > reference_sign[order][:-1]).all())
-    assert _mean(reference_sign, SIZES) == pytest.approx(0.7, abs=1e-9)
+    flipped = dlp_allocate(STATS, SIZES, 0.7, score_means="importance")
+    assert bool((flipped[order][1:] < flipped[order][:-1]).all())
+    assert _mean(flipped, SIZES) == pytest.approx(0.7, abs=1e-9)
 
 
 def test_alphapruning_direction_and_equal_inputs():

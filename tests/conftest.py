@@ -125,3 +125,30 @@ def tiny_model_dir(tmp_path_factory):
     tiny_tokenizer().save_pretrained(root / "model")
     (root / "corpus.txt").write_text(word_text(4000))
     return root
+
+
+class TableLM(torch.nn.Module):
+    """logits[t] = table[input_ids[t]] (a bigram model; a unigram one when all rows are equal);
+    records every input it sees. ``strict_cache``: fail unless called with use_cache=False."""
+
+    def __init__(self, table: torch.Tensor, strict_cache: bool = False):
+        super().__init__()
+        self.table = table  # [V, V]
+        self.strict_cache = strict_cache
+        self.inputs: list[list[int]] = []
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        from types import SimpleNamespace
+
+        assert use_cache is False or not self.strict_cache
+        self.inputs.extend(input_ids.tolist())
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def weighted_mean(s, sizes) -> float:
+    sizes = torch.as_tensor(sizes, dtype=torch.float64)
+    return float(torch.sum(s * sizes) / sizes.sum())

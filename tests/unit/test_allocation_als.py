@@ -20,13 +20,7 @@ from alsparse.allocation import (
 from alsparse.registry import UnknownNameError
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _mean(s, sizes) -> float:
-    sizes = torch.as_tensor(sizes, dtype=torch.float64)
-    return float(torch.sum(s * sizes) / sizes.sum())
+from conftest import seeded as _gen, weighted_mean as _mean  # noqa: E402
 
 
 def _banded_psi(L: int, decay: float = 0.3, noise: float = 0.05, seed: int = 0) -> torch.Tensor:

@@ -17,13 +17,7 @@ from alsparse.allocation import (
 )
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _mean(s, sizes) -> float:
-    sizes = torch.as_tensor(sizes, dtype=torch.float64)
-    return float(torch.sum(s * sizes) / sizes.sum())
+from conftest import seeded as _gen, weighted_mean as _mean  # noqa: E402
 
 
 SIZES = torch.tensor([4.0, 4.0, 5.0, 6.0, 6.0, 8.0])

@@ -6,6 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+from conftest import TableLM
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -29,21 +31,12 @@ class UniformLM(torch.nn.Module):
         return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab_size))
 
 
-class BigramLM(torch.nn.Module):
-    """logits[t] = log P(. | input_ids[t]) from a fixed table; records every input it sees."""
-
-    def __init__(self, logprobs: torch.Tensor):
-        super().__init__()
-        self.logprobs = logprobs  # [V, V]
-        self.inputs: list[list[int]] = []
-
-    def forward(self, input_ids, attention_mask=None, use_cache=None):
-        assert use_cache is False
-        self.inputs.extend(input_ids.tolist())
-        return SimpleNamespace(logits=self.logprobs[input_ids])
+def BigramLM(logprobs: torch.Tensor) -> TableLM:
+    """logits[t] = log P(. | input_ids[t]) from a fixed table; must be called with use_cache=False."""
+    return TableLM(logprobs, strict_cache=True)
 
 
-def bigram(vocab_size: int, seed: int = 0) -> BigramLM:
+def bigram(vocab_size: int, seed: int = 0) -> TableLM:
     generator = torch.Generator().manual_seed(seed)
     return BigramLM(torch.randn(vocab_size, vocab_size, generator=generator).log_softmax(-1))
 
@@ -70,7 +63,7 @@ def test_token_ppl_matches_hand_computation_on_bigram():
     result = token_perplexity(model, ids, seq_len=4)
     # windows [1,2,3,4] and [5,6,7,0]; the tail [1,2] is dropped; position 0 of a window is not predicted
     predicted_pairs = [(1, 2), (2, 3), (3, 4), (5, 6), (6, 7), (7, 0)]
-    nll = -sum(model.logprobs[a, b].item() for a, b in predicted_pairs) / 6
+    nll = -sum(model.table[a, b].item() for a, b in predicted_pairs) / 6
     assert result["nll"] == pytest.approx(nll, rel=1e-6)
     assert result["ppl"] == pytest.approx(math.exp(nll), rel=1e-6)
     assert model.inputs == [[1, 2, 3, 4], [5, 6, 7, 0]]
@@ -83,7 +76,7 @@ def test_bos_windows_prepend_bos_to_seq_len_minus_one_tokens():
     model = bigram(20)
     result = token_perplexity(model, torch.arange(10, 17).view(1, -1), seq_len=3, bos_token_id=1)
     pairs = [(1, 10), (10, 11), (1, 12), (12, 13), (1, 14), (14, 15)]
-    assert result["nll"] == pytest.approx(-sum(model.logprobs[a, b].item() for a, b in pairs) / 6, rel=1e-6)
+    assert result["nll"] == pytest.approx(-sum(model.table[a, b].item() for a, b in pairs) / 6, rel=1e-6)
     assert result["bos"] is True
 
 
@@ -116,7 +109,7 @@ def test_word_ppl_matches_hand_computation(max_length):
     model = bigram(7, seed=1)
     docs = ["a b c a", " d d\n"]
     result = word_perplexity(model, word_tokenizer(), docs, max_length=max_length)
-    lp = model.logprobs
+    lp = model.table
     # every token predicted once from the token before it; the first from the prefix (BOS = 1)
     nll = -(lp[1, 3] + lp[3, 4] + lp[4, 5] + lp[5, 3] + lp[1, 6] + lp[6, 6]).item()
     words = 4 + 4  # lm-eval counts re.split(r"\s+"): " d d\n" -> ['', 'd', 'd', '']
@@ -136,7 +129,7 @@ def test_word_ppl_scores_the_detokenised_text_but_counts_the_original():
                              detokenize=lambda s: s.replace(" @-@ ", " "), limit=1)
     assert model.inputs == [[1, 3]]  # "a b" scored
     assert result["words"] == 3 and result["bytes"] == 7
-    assert result["nll"] == pytest.approx(-(model.logprobs[1, 3] + model.logprobs[3, 4]).item(), rel=1e-6)
+    assert result["nll"] == pytest.approx(-(model.table[1, 3] + model.table[3, 4]).item(), rel=1e-6)
 
 
 def test_count_words_is_lm_eval_regex_split():

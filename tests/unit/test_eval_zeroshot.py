@@ -5,6 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+from conftest import TableLM
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -21,19 +23,6 @@ def word_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
     if add_bos:
         backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
-class TableLM(torch.nn.Module):
-    """logits[t] = table[input_ids[t]]: a unigram model when all rows are equal, else a bigram."""
-
-    def __init__(self, table: torch.Tensor):
-        super().__init__()
-        self.table = table  # [V, V]
-        self.inputs: list[list[int]] = []
-
-    def forward(self, input_ids, attention_mask=None, use_cache=None):
-        self.inputs.extend(input_ids.tolist())
-        return SimpleNamespace(logits=self.table[input_ids])
 
 
 def unigram_model() -> TableLM:

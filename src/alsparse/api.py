@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Optional
 
@@ -12,6 +11,7 @@ from torch import nn
 from .allocate import Allocation, allocate, allocation_needs
 from .capture import BlockStep, capture_block_inputs, record_input_stats, stream_blocks
 from .config import PruneConfig
+from .data.calibration import fingerprint
 from .models import decoder_blocks, find_linears, model_device, onload
 from .pruning import PRUNERS, Pruner
 from .report import LinearRecord, PruneReport, StageTimer, mask_sha256, peak_memory, versions
@@ -29,16 +29,16 @@ def prune_(
     needs = allocation_needs(config)
     _check_pattern_fits(model, config)
     timer = StageTimer()
-    acts = None
-    if pruner.needs_calibration or needs:
-        _check_calibration(calibration)
-        with timer("capture"):
-            acts = capture_block_inputs(model, calibration, device, config.batch_size, config.offload)
     search = {}
     if config.allocation == "atp" and config.baselines.atp_beta is None:
         _check_calibration(calibration)
         with timer("atp_search"):
             config, search = _with_atp_beta(model, calibration, config)
+    acts = None
+    if pruner.needs_calibration or needs:
+        _check_calibration(calibration)
+        with timer("capture"):
+            acts = capture_block_inputs(model, calibration, device, config.batch_size, config.offload)
     with timer("pass1"):
         data = collect_pass1(model, acts, device, config, needs) if needs else {}
     with timer("allocation"):
@@ -122,12 +122,6 @@ def _check_calibration(calibration) -> None:
         raise ValueError(f"calibration must hold at least one window of >= 2 tokens, got {tuple(calibration.shape)}")
 
 
-def calibration_fingerprint(calibration: Optional[torch.Tensor]) -> Optional[str]:
-    if calibration is None:
-        return None
-    return hashlib.sha256(calibration.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]
-
-
 def _make_report(model, config, allocation, timer, device, calibration, calibration_info) -> PruneReport:
     from .allocate import block_prefix
 
@@ -153,7 +147,7 @@ def _make_report(model, config, allocation, timer, device, calibration, calibrat
     if calibration is not None:
         calib.update(
             {"windows": int(calibration.shape[0]), "seq_len": int(calibration.shape[1])},
-            fingerprint=calibration_fingerprint(calibration),
+            fingerprint=fingerprint(calibration),
         )
     return PruneReport(
         config=config.to_dict(),

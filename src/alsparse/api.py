@@ -13,8 +13,16 @@ from .capture import BlockStep, capture_block_inputs, record_input_stats, stream
 from .config import PruneConfig
 from .data.calibration import fingerprint
 from .models import decoder_blocks, find_linears, model_device, onload
+from .pass1 import collect as collect_pass1
 from .pruning import PRUNERS, Pruner
-from .report import LinearRecord, PruneReport, StageTimer, mask_sha256, peak_memory, versions
+from .report import (
+    LinearRecord,
+    PruneReport,
+    StageTimer,
+    mask_sha256,
+    peak_memory,
+    versions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +70,6 @@ def _with_atp_beta(model, calibration, config):
 
     beta, search = select_beta(model, calibration, config)
     return dataclasses.replace(config, baselines=dataclasses.replace(config.baselines, atp_beta=beta)), search
-
-
-def collect_pass1(model, acts, device, config, needs):
-    from .pass1 import collect
-
-    return collect(model, acts, device, config, needs)
 
 
 def _prune_block(step: BlockStep, pruner: Pruner, allocation: Allocation, config: PruneConfig) -> None:

@@ -9,13 +9,16 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .models import LinearRef, decoder_blocks, find_linears, inference_mode, layer_types, onload, onload_except
+
+if TYPE_CHECKING:
+    from .pruning.stats import InputStats
 
 log = logging.getLogger(__name__)
 

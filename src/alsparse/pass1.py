@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .allocation.owl import outlier_ratio
 from .capture import Activations, stream_blocks
 from .config import PruneConfig
 from .pruning import InputStats
@@ -56,7 +57,7 @@ def collect(model, acts: Activations, device, config: PruneConfig, needs: frozen
                 linear_summaries.extend(finished)
         if stats:
             scores = [F.wanda_scores(ref.weight_oi.float(), stats[ref.name].sq_norms) for ref in step.linears]
-            lod.append(_outlier_ratio(scores, config.baselines.owl_m))
+            lod.append(outlier_ratio(scores, config.baselines.owl_m))
             mean_scores.append(float(torch.cat([s.flatten() for s in scores]).mean()))
     data: dict[str, Any] = {}
     if "features" in needs:
@@ -72,12 +73,6 @@ def collect(model, acts: Activations, device, config: PruneConfig, needs: frozen
         data["lod"] = torch.tensor(lod, dtype=torch.float64)
         data["mean_scores"] = torch.tensor(mean_scores, dtype=torch.float64)
     return data
-
-
-def _outlier_ratio(scores, m):
-    from .allocation.owl import outlier_ratio
-
-    return outlier_ratio(scores, m)
 
 
 def _feature_hooks(summaries: dict[str, FeatureSummary], side: str):

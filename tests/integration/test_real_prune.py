@@ -47,7 +47,6 @@ def test_als_on_the_real_model(real_model_dir, tmp_path, capsys, sparsity):
 
 def test_quality_ordering_dense_wanda_magnitude(real_model_dir):
     """Sanity: token-ppl(dense) < token-ppl(Wanda 50%) < token-ppl(magnitude 50%)."""
-    import torch
 
     import alsparse
     from alsparse.data.calibration import load_calibration

@@ -1,7 +1,6 @@
 """Zero-shot scoring: lm-eval encoding, acc/acc_norm by hand, batched == unbatched."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import MutableMapping, Optional
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from .capture import BlockStep, capture_block_inputs, record_input_stats, stream
 from .config import PruneConfig
 from .data.calibration import fingerprint
 from .models import decoder_blocks, find_linears, model_device, onload
+from .pass1 import cache_key as pass1_key
 from .pass1 import collect as collect_pass1
 from .pruning import PRUNERS, Pruner
 from .report import (
@@ -28,10 +29,19 @@ log = logging.getLogger(__name__)
 
 
 def prune_(
-    model: nn.Module, calibration: Optional[torch.Tensor], config: PruneConfig, calibration_info: Optional[dict] = None
+    model: nn.Module,
+    calibration: Optional[torch.Tensor],
+    config: PruneConfig,
+    calibration_info: Optional[dict] = None,
+    *,
+    pass1_cache: Optional[MutableMapping[str, dict]] = None,
 ) -> PruneReport:
     """Prune ``model`` in place: allocate per-unit sparsity, then calibrate, prune and propagate
-    block by block so each block sees the outputs of the already-pruned ones."""
+    block by block so each block sees the outputs of the already-pruned ones.
+
+    ``pass1_cache``: a mapping kept by the caller across prunes of the *same dense model* (a sweep);
+    the dense statistics pass is looked up there by what it depends on (calibration, allocator
+    needs, ALS feature options) and run only on a miss."""
     pruner = PRUNERS.get(config.method)
     device = torch.device(config.device) if config.device else model_device(model)
     needs = allocation_needs(config)
@@ -42,13 +52,22 @@ def prune_(
         _check_calibration(calibration)
         with timer("atp_search"):
             config, search = _with_atp_beta(model, calibration, config)
+    use_cache = bool(needs) and pass1_cache is not None and isinstance(calibration, torch.Tensor)
+    key = pass1_key(config, needs, fingerprint(calibration)) if use_cache else None
+    cached = pass1_cache.get(key) if key is not None else None
     acts = None
-    if pruner.needs_calibration or needs:
+    if pruner.needs_calibration or (needs and cached is None):
         _check_calibration(calibration)
         with timer("capture"):
             acts = capture_block_inputs(model, calibration, device, config.batch_size, config.offload)
     with timer("pass1"):
-        data = collect_pass1(model, acts, device, config, needs) if needs else {}
+        if cached is not None:
+            log.info("pass 1: reusing the cached dense statistics")
+            data = cached
+        else:
+            data = collect_pass1(model, acts, device, config, needs) if needs else {}
+            if key is not None:
+                pass1_cache[key] = data
     with timer("allocation"):
         allocation = allocate(model, config, data)
         allocation.diagnostics.update(search)

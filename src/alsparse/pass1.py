@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -22,9 +23,30 @@ from .redundancy.summary import FeatureSummary, select_tokens
 log = logging.getLogger(__name__)
 
 
+def cache_key(config: PruneConfig, needs: frozenset, calibration_fingerprint: str) -> str:
+    """What pass 1's result depends on, for one model: reuse it across sparsities and pruners."""
+    parts: dict[str, Any] = {
+        "needs": sorted(needs),
+        "calibration": calibration_fingerprint,
+        "batch_size": config.batch_size,
+        "device": str(config.device),
+    }
+    if "features" in needs:
+        als = config.als
+        parts.update(level=_level(config), feature=als.feature, normalize=als.normalize, tokens=als.tokens,
+                     windows=als.windows, seed=config.seed)
+    if "wanda" in needs:
+        parts["owl_m"] = config.baselines.owl_m
+    return json.dumps(parts, sort_keys=True)
+
+
+def _level(config: PruneConfig) -> str:
+    return config.als.level if config.allocation == "als" else "block"
+
+
 def collect(model, acts: Activations, device, config: PruneConfig, needs: frozenset) -> dict[str, Any]:
     als = config.als
-    level = als.level if config.allocation == "als" else "block"
+    level = _level(config)
     if needs == frozenset({"features"}):
         acts = acts.head(als.windows)  # RM needs few sequences; Wanda statistics use them all
     token_index = select_tokens(acts.tokens, als.tokens, config.seed) if "features" in needs else None

@@ -93,3 +93,23 @@ def test_als_pass1_uses_only_the_first_windows(tmp_path):
         report = prune_(make_tiny("llama"), ids, cfg)
         diag = report.allocation["diagnostics"]
         assert diag["rm_windows"] == expected and diag["rm_tokens"] == expected * 16
+
+
+@pytest.mark.parametrize("name", ["als", "owl"])
+def test_pass1_cache_reuses_the_dense_pass_with_identical_results(name, tmp_path):
+    ids = torch.randint(1, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    cache: dict = {}
+    for method, sparsity in [("wanda", 0.5), ("magnitude", 0.6), ("wanda", 0.6)]:
+        fresh = prune_(make_tiny("llama"), ids, _config(name, "block", tmp_path, method=method, sparsity=sparsity))
+        reused = prune_(make_tiny("llama"), ids, _config(name, "block", tmp_path, method=method, sparsity=sparsity),
+                        pass1_cache=cache)
+        assert [r.mask_sha256 for r in reused.linears] == [r.mask_sha256 for r in fresh.linears]
+        assert reused.allocation["sparsity"] == fresh.allocation["sparsity"]
+    assert len(cache) == 1, "one dense pass serves every sparsity and pruner"
+    import dataclasses
+
+    base = _config(name, "block", tmp_path)
+    other = dataclasses.replace(base, als=dataclasses.replace(base.als, tokens=32),
+                                baselines=dataclasses.replace(base.baselines, owl_m=7.0))
+    prune_(make_tiny("llama"), ids, other, pass1_cache=cache)
+    assert len(cache) == 2, "a changed option that pass 1 depends on is a miss"

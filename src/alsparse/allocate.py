@@ -91,6 +91,21 @@ class Allocation:
             out["nm"] = {"m": self.nm_m, "n": list(self.nm_n), "mix": _nm_mix(self.nm_n, self.nm_m)}
         return out
 
+    def state(self) -> dict[str, Any]:
+        """Everything needed to rebuild this allocation exactly (a resume checkpoint holds it)."""
+        return {
+            "units": [{"name": u.name, "block": u.block, "linears": list(u.linears), "size": u.size} for u in self.units],
+            "sparsity": [float(s) for s in self.sparsity],
+            "diagnostics": self.diagnostics,
+            "nm_n": None if self.nm_n is None else list(self.nm_n),
+            "nm_m": self.nm_m,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Allocation":
+        units = [Unit(u["name"], u["block"], tuple(u["linears"]), u["size"]) for u in state["units"]]
+        return cls(units, list(state["sparsity"]), state["diagnostics"], state["nm_n"], state["nm_m"])
+
 
 def _nm_mix(ns: list[int], m: int) -> dict[str, int]:
     mix: dict[str, int] = {}

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import MutableMapping, Optional
+from typing import Callable, Iterator, MutableMapping, Optional
 
 import torch
 from torch import nn
 
 from .allocate import Allocation, allocate, allocation_needs
 from .capture import BlockStep, capture_block_inputs, record_input_stats, stream_blocks
+from .checkpoint import BlockCheckpoints, run_fingerprint
 from .config import PruneConfig
 from .data.calibration import fingerprint
 from .models import decoder_blocks, find_linears, model_device, onload
@@ -35,18 +36,53 @@ def prune_(
     calibration_info: Optional[dict] = None,
     *,
     pass1_cache: Optional[MutableMapping[str, dict]] = None,
+    checkpoint: Optional[BlockCheckpoints] = None,
+    resume: bool = False,
+    on_block: Optional[Callable[[int, int], None]] = None,
 ) -> PruneReport:
     """Prune ``model`` in place: allocate per-unit sparsity, then calibrate, prune and propagate
     block by block so each block sees the outputs of the already-pruned ones.
 
     ``pass1_cache``: a mapping kept by the caller across prunes of the *same dense model* (a sweep);
     the dense statistics pass is looked up there by what it depends on (calibration, allocator
-    needs, ALS feature options) and run only on a miss."""
+    needs, ALS feature options) and run only on a miss.
+
+    ``checkpoint``: save each pruned block there; with ``resume=True`` an interrupted run's
+    checkpoints (same model, calibration and options, else an error) are loaded instead of pruned
+    again, so the run goes on from the first block it had not finished. ``on_block(index, total)``
+    is called after each block is pruned (and checkpointed)."""
     pruner = PRUNERS.get(config.method)
     device = torch.device(config.device) if config.device else model_device(model)
     needs = allocation_needs(config)
     _check_pattern_fits(model, config)
     timer = StageTimer()
+    saved = None
+    if checkpoint is not None:
+        with timer("checkpoint"):
+            saved = checkpoint.open(run_fingerprint(model, calibration, config), resume)
+    acts = None
+    if saved is not None:  # resuming: the allocation is known, pass 1 and any search are skipped
+        allocation = Allocation.from_state(saved)
+        config = _with_saved_beta(config, allocation)
+        if pruner.needs_calibration:
+            _check_calibration(calibration)
+            with timer("capture"):
+                acts = capture_block_inputs(model, calibration, device, config.batch_size, config.offload)
+    else:
+        config, acts, allocation = _allocate(model, calibration, config, pruner, needs, device, timer, pass1_cache)
+        if checkpoint is not None:
+            checkpoint.save_allocation(allocation.state())
+    with timer("prune"):
+        resumed_from = _prune_blocks(model, acts, pruner, allocation, config, device, checkpoint, saved is not None,
+                                     on_block)
+    report = _make_report(model, config, allocation, timer, device, calibration, calibration_info)
+    report.resumed_from_block = resumed_from
+    log.info("pruned to %.4f sparsity (target %.4f)", report.achieved_sparsity, config.sparsity)
+    return report
+
+
+def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_cache):
+    """ATP's search, the capture, pass 1 (or its cached result) and the allocator."""
     search = {}
     if config.allocation == "atp" and config.baselines.atp_beta is None:
         _check_calibration(calibration)
@@ -71,15 +107,59 @@ def prune_(
     with timer("allocation"):
         allocation = allocate(model, config, data)
         allocation.diagnostics.update(search)
-    with timer("prune"):
+    return config, acts, allocation
+
+
+def _prune_blocks(model, acts, pruner, allocation, config, device, checkpoint, restoring, on_block) -> Optional[int]:
+    """Prune block after block; with a checkpoint, save each finished block and, when resuming,
+    load the intact prefix instead of pruning it. Returns the block pruning resumed at (or None)."""
+    resumed_from = None
+    steps = (
+        _steps_without_data(model, config, device)
+        if acts is None
+        else stream_blocks(model, acts, device, desc=f"{config.method} pruning", consume=True)
+    )
+    num_blocks = len(decoder_blocks(model))
+    for step in steps:
+        if restoring:
+            tensors = checkpoint.load_block(step.index)
+            if tensors is not None and _restore(step, tensors):
+                continue  # the stream runs the restored block forward for the next one's inputs
+            restoring, resumed_from = False, step.index
+            log.info("resuming: blocks 0..%d restored from checkpoints, pruning from block %d", step.index - 1,
+                     step.index)
         if acts is None:
-            _prune_without_data(model, pruner, allocation, config, device)
+            for ref in step.linears:
+                _prune_linear(ref, None, step.index, pruner, allocation, config)
         else:
-            for step in stream_blocks(model, acts, device, desc=f"{config.method} pruning", consume=True):
-                _prune_block(step, pruner, allocation, config)
-    report = _make_report(model, config, allocation, timer, device, calibration, calibration_info)
-    log.info("pruned to %.4f sparsity (target %.4f)", report.achieved_sparsity, config.sparsity)
-    return report
+            _prune_block(step, pruner, allocation, config)
+        if checkpoint is not None:
+            checkpoint.save_block(step.index, {ref.name: ref.module.weight for ref in step.linears})
+        if on_block is not None:
+            on_block(step.index, num_blocks)
+    if restoring:
+        resumed_from = num_blocks
+    return resumed_from
+
+
+def _restore(step: BlockStep, tensors: dict[str, torch.Tensor]) -> bool:
+    weights = {ref.name: ref.module.weight for ref in step.linears}
+    if set(tensors) != set(weights) or any(tensors[k].shape != w.shape for k, w in weights.items()):
+        log.warning("checkpoint of block %d does not match the model's linears; pruning it again", step.index)
+        return False
+    with torch.no_grad():
+        for name, weight in weights.items():
+            weight.copy_(tensors[name])
+    return True
+
+
+def _with_saved_beta(config: PruneConfig, allocation: Allocation) -> PruneConfig:
+    import dataclasses
+
+    beta = allocation.diagnostics.get("beta")
+    if config.allocation != "atp" or config.baselines.atp_beta is not None or beta is None:
+        return config
+    return dataclasses.replace(config, baselines=dataclasses.replace(config.baselines, atp_beta=beta))
 
 
 def _with_atp_beta(model, calibration, config):
@@ -99,13 +179,14 @@ def _prune_block(step: BlockStep, pruner: Pruner, allocation: Allocation, config
         _prune_linear(ref, stats.get(ref.name), step.index, pruner, allocation, config)
 
 
-def _prune_without_data(model, pruner, allocation, config, device) -> None:
+def _steps_without_data(model, config, device) -> Iterator[BlockStep]:
+    """Blocks one at a time, onloaded, for pruners that need no calibration (nothing is run)."""
     from tqdm.auto import tqdm
 
-    for index, block in enumerate(tqdm(decoder_blocks(model), desc=f"{config.method} pruning", leave=False)):
-        with onload(block, device), torch.no_grad():
-            for ref in find_linears(block):
-                _prune_linear(ref, None, index, pruner, allocation, config)
+    blocks = decoder_blocks(model)
+    for index, block in enumerate(tqdm(blocks, desc=f"{config.method} pruning", unit="block", leave=False)):
+        with onload(block, device) as onloaded, torch.no_grad():
+            yield BlockStep(index, onloaded, "", None, device, find_linears(onloaded))
 
 
 def _prune_linear(ref, stats, block_index, pruner, allocation, config) -> None:

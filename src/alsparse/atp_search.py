@@ -50,4 +50,4 @@ def select_beta(model, calibration: torch.Tensor, config) -> tuple[float, dict]:
         log.info("ATP beta %.4f: held-out calibration loss %.4f", beta, losses[-1])
         del trial
     best = min(range(len(grid)), key=lambda i: (losses[i], i))
-    return grid[best], {"beta_grid": grid, "heldout_loss": losses, "heldout_windows": held}
+    return grid[best], {"beta": grid[best], "beta_grid": grid, "heldout_loss": losses, "heldout_windows": held}

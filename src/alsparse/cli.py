@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--offload", default="device", help="where calibration activations live: device | cpu")
     pr.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run from its per-block checkpoints (OUT.alsparse-ckpt)")
+    pr.add_argument("--no-checkpoint", action="store_true",
+                    help="do not write per-block checkpoints (saves disk: they take the pruned model's size)")
     pr.add_argument("--trust-remote-code", action="store_true")
     pr.add_argument("--eval", action="store_true", help="evaluate dense and pruned models, side by side")
     _add_als_args(pr)
@@ -193,6 +197,30 @@ def write_json_atomic(path: Path, data) -> None:
         raise
 
 
+def checkpoint_dir(out: Path) -> Path:
+    """Where a prune writing to ``out`` keeps its per-block checkpoints."""
+    return out.with_name(out.name + ".alsparse-ckpt")
+
+
+def check_writable(out: Path) -> None:
+    """Fail before hours of work, not after: the output's nearest existing ancestor must be a
+    directory we can create files in."""
+    import os
+    import tempfile
+
+    ancestor = out.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"cannot write {out}: {ancestor} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".alsparse-write-test-", dir=ancestor)
+    except OSError as exc:
+        raise UsageError(f"cannot write {out}: {ancestor} is not writable ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def _resolve_device(requested: Optional[str]) -> str:
     import torch
 
@@ -207,9 +235,18 @@ def _cmd_prune(args) -> int:
     from .io import save
     from .sources import load_model
 
+    from .checkpoint import MANIFEST, BlockCheckpoints
+
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UsageError(f"output directory {out} exists; pass --overwrite to replace it")
+    check_writable(out)
+    ckpt = None if args.no_checkpoint else BlockCheckpoints(checkpoint_dir(out))
+    if ckpt is not None and (ckpt.dir / MANIFEST).is_file() and not args.resume:
+        raise UsageError(f"checkpoints of an interrupted run are in {ckpt.dir}; pass --resume to continue it, "
+                         f"or delete that directory to start over")
+    if args.resume and ckpt is None:
+        raise UsageError("--resume needs the checkpoints that --no-checkpoint turns off")
     device = _resolve_device(args.device)
     config = PruneConfig(
         method=args.method,
@@ -232,7 +269,10 @@ def _cmd_prune(args) -> int:
     print(f"calibration: {calib_info['source']}, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}", file=sys.stderr)
     eval_cfg = _eval_config(args, "eval_") if args.eval else None
     dense = _evaluate_on(model, tokenizer, eval_cfg, device, "dense") if eval_cfg else None
-    report = prune_(model, calibration, config, calibration_info=calib_info)
+    report = prune_(model, calibration, config, calibration_info=calib_info, checkpoint=ckpt, resume=args.resume)
+    if report.resumed_from_block is not None:
+        print(f"resumed: blocks before {report.resumed_from_block} came from the checkpoints in {ckpt.dir}",
+              file=sys.stderr)
     summary = {"out": str(out), **report.summary()}
     extra = {}
     if eval_cfg:
@@ -240,6 +280,8 @@ def _cmd_prune(args) -> int:
         summary["eval"] = {"dense": dense, "pruned": pruned}
         extra["alsparse_eval.json"] = json.dumps(summary["eval"], indent=2, default=str).encode()
     save(model, tokenizer, report, out, overwrite=args.overwrite, extra_files=extra)
+    if ckpt is not None:
+        ckpt.remove()  # the saved model supersedes them
     print(format_report(report), file=sys.stderr)
     if eval_cfg:
         print(format_side_by_side(dense, pruned), file=sys.stderr)

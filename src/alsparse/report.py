@@ -41,6 +41,7 @@ class PruneReport:
     timings_s: dict[str, float] = field(default_factory=dict)
     peak_memory: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    resumed_from_block: Optional[int] = None  # set when pruning resumed from checkpoints
 
     @property
     def prunable(self) -> int:
@@ -70,6 +71,7 @@ class PruneReport:
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
             "peak_memory": self.peak_memory,
             "calibration": self.calibration,
+            **({"resumed_from_block": self.resumed_from_block} if self.resumed_from_block is not None else {}),
         }
 
     def per_block(self) -> list[dict[str, Any]]:

@@ -378,7 +378,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"alsparse {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("alsparse: interrupted; nothing was written to the output directory", file=sys.stderr)
+        print("alsparse: interrupted; nothing was written to the output directory (rerun a prune with --resume "
+              "to continue from its checkpoints)", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence prints, then fails
         logging.getLogger("alsparse").debug("failure", exc_info=True)

@@ -156,3 +156,108 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert "cannot read GGUF file" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert not any((tmp_path / "cache").rglob("config.json"))  # nothing half-converted is cached
+
+
+def _copy_model(tiny_model_dir, tmp_path):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, root)
+    return root
+
+
+def test_truncated_safetensors_is_a_clear_error_and_nothing_is_written(tiny_model_dir, tmp_path, capsys):
+    root = _copy_model(tiny_model_dir, tmp_path)
+    weights = root / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # an interrupted download
+    before = _snapshot(root)
+    out = tmp_path / "out"
+    assert main(_prune_args(root, out)) == 2
+    err = capsys.readouterr().err
+    assert "cannot load model from" in err and str(root / "model") in err
+    assert not out.exists() and not list(tmp_path.glob("out*"))
+    assert _snapshot(root) == before
+
+
+def test_prune_without_tokenizer_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    root = _copy_model(tiny_model_dir, tmp_path)
+    for f in (root / "model").iterdir():
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            f.unlink()
+    before = _snapshot(root)
+    assert main(_prune_args(root, tmp_path / "out")) == 2
+    assert "cannot load a tokenizer from" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and _snapshot(root) == before
+
+
+def test_malformed_task_row_names_file_and_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data"
+    (data / "tasks").mkdir(parents=True)
+    good = '{"query": "Question: g\\n", "choices": ["a", "b"], "gold": 0}\n'
+    (data / "tasks" / "piqa.jsonl").write_text(good * 2 + '{"query": "Question: g\\n", "choices": ["a", "b"]}\n')
+    monkeypatch.setenv("ALSPARSE_DATA", str(data))
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tiny_model_dir / "model"), "--ppl", "", "--tasks", "piqa", "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{data / 'tasks' / 'piqa.jsonl'}:3: malformed piqa row: missing field 'gold'" in err
+    assert not out.exists()
+
+
+def test_unwritable_output_is_refused_before_any_work(tiny_model_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert main(_prune_args(tiny_model_dir, blocker / "out")) == 2
+    assert f"{blocker} is not a directory" in capsys.readouterr().err
+    assert blocker.read_text() == "not a directory"
+
+
+def test_read_only_output_location_is_refused(tiny_model_dir, tmp_path, capsys):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions; /proc refuses new files even to root
+            locked = __import__("pathlib").Path("/proc")
+        assert main(_prune_args(tiny_model_dir, locked / "out")) == 2
+        assert "is not writable" in capsys.readouterr().err
+    finally:
+        (tmp_path / "locked").chmod(0o700)
+
+
+def test_remote_code_is_never_run_without_the_flag(tmp_path, capsys):
+    """A model directory whose config asks for custom code: refused, and the code never runs."""
+    import json as _json
+
+    model = tmp_path / "remote"
+    model.mkdir()
+    marker = tmp_path / "code-ran"
+    (model / "config.json").write_text(_json.dumps({
+        "model_type": "evil", "architectures": ["EvilModel"],
+        "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"},
+    }))
+    (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    assert main(["prune", str(model), "--out", str(tmp_path / "out")]) == 2
+    assert "trust_remote_code" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_failed_save_leaves_the_previous_output_intact(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Disk full while writing: the previous output is untouched and no temporary is left behind."""
+    import errno
+
+    out = tmp_path / "out"
+    assert main(_prune_args(tiny_model_dir, out)) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", full_disk)
+    assert main(_prune_args(tiny_model_dir, out, "--sparsity", "0.7", "--overwrite")) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.alsparse-ckpt"], \
+        "no temporary left; the checkpoints stay so the run can be resumed once space is freed"

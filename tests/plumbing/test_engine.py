@@ -176,3 +176,23 @@ def test_streamed_forward_is_exact_and_leaves_no_hooks(calib_ids):
             got = model(calib_ids).logits
     assert torch.equal(got, expected)
     assert _hook_count(model) == 0
+
+
+def _poisoned(path: str, value: float):
+    model = make_tiny("llama")
+    with torch.no_grad():
+        model.get_submodule(path).weight.fill_(value)
+    return model
+
+
+def test_overflowing_block_output_names_the_block_and_the_remedy(calib_ids):
+    model = _poisoned("model.layers.1.mlp.down_proj", float("inf"))
+    with pytest.raises(FloatingPointError, match=r"block 1: its outputs contain NaN/Inf.*bf16 or fp32"):
+        prune_(model, calib_ids, PruneConfig(method="magnitude", sparsity=0.5, allocation="owl"))
+
+
+@pytest.mark.parametrize("method,what", [("wanda", "input norms"), ("sparsegpt", "Hessian")])
+def test_overflowing_statistics_name_the_linear(calib_ids, method, what):
+    model = _poisoned("model.layers.1.mlp.up_proj", 1e30)  # down_proj's input overflows when squared
+    with pytest.raises(FloatingPointError, match=rf"block 1 mlp.down_proj: NaN/Inf in the calibration {what}"):
+        prune_(model, calib_ids, PruneConfig(method=method, sparsity=0.5))

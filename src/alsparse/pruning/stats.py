@@ -33,7 +33,7 @@ class InputStats:
         for name, t in (("input norms", self.sq_norms), ("Hessian", self.xtx)):
             if t is not None and not torch.isfinite(t).all():
                 raise FloatingPointError(
-                    f"{where}: the calibration {name} contain NaN/Inf (overflow in fp16 activations?); "
+                    f"{where}: NaN/Inf in the calibration {name} (overflow in fp16 activations?); "
                     "load the model in bf16 or fp32"
                 )
 

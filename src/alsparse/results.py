@@ -1,0 +1,558 @@
+"""Sweep results: read results files (JSON lines written by `alsparse.sweep`) and turn them into
+Markdown tables and PNG figures. Two evaluation protocols are never in one table or one figure: a
+table is one (model, protocol, calibration) where a protocol is e.g. token-ppl on WikiText-2 test at
+seq_len 1024 over the first 40 windows (../shared/PROTOCOLS.md)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STAGES = ("load", "calibration", "atp_search", "capture", "pass1", "allocation", "prune", "eval")
+
+
+class ResultsFileError(ValueError):
+    """A results file that cannot be read (a malformed line that is not the last one)."""
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def read_records(path: str | os.PathLike[str], with_offset: bool = False):
+    """The records of one results file. A malformed *last* line (a write cut short by a kill) is
+    ignored with a warning; a malformed line before it is an error naming the line.
+
+    with_offset: also return the byte length of the valid prefix (where a partial line starts)."""
+    path = Path(path)
+    data = path.read_bytes() if path.is_file() else b""
+    records: list[dict] = []
+    pos = valid = number = 0
+    while pos < len(data):
+        newline = data.find(b"\n", pos)
+        end = newline + 1 if newline != -1 else len(data)
+        raw, number = data[pos:end], number + 1
+        if raw.strip():
+            try:
+                record = json.loads(raw)
+                if not isinstance(record, dict) or "id" not in record:
+                    raise ValueError("not a cell record")
+            except ValueError as exc:
+                if data[end:].strip():
+                    raise ResultsFileError(f"{path}: line {number} is not a valid result record ({exc}); "
+                                           f"fix or delete that line") from None
+                log.warning("%s: line %d is incomplete (an interrupted write); ignored", path, number)
+                break
+            if newline == -1:  # complete JSON but no newline: an interrupted write; the next append would join it
+                log.warning("%s: line %d has no newline (an interrupted write); ignored", path, number)
+                break
+            records.append(record)
+        pos = valid = end
+    return (records, valid) if with_offset else records
+
+
+def load_results(paths: Sequence[str | os.PathLike[str]]) -> list[dict]:
+    """Records of one or more results files, each cell id once (the first occurrence kept)."""
+    seen: dict[str, dict] = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"results file {path} does not exist")
+        for record in read_records(path):
+            if record["id"] in seen:
+                log.warning("%s: cell %s appears more than once; the first is kept", path, record["id"])
+                continue
+            seen[record["id"]] = record
+    return list(seen.values())
+
+
+# --- what a table is made of ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One perplexity protocol: numbers under two different Protocols are never compared."""
+
+    kind: str  # "token-ppl" | "word-ppl"
+    corpus: str
+    split: str
+    length: int  # seq_len (token-ppl) or max_length (word-ppl)
+    count: int  # windows (token-ppl) or documents (word-ppl)
+    bos: bool | None = None
+
+    @property
+    def title(self) -> str:
+        is_file = self.split == "file" or "/" in self.corpus or self.corpus.endswith(".txt")
+        corpus = f"text file {Path(self.corpus).name}" if is_file else f"{self.corpus} {self.split}"
+        if self.kind == "token-ppl":
+            bos = ", BOS prepended" if self.bos else ""
+            return (f"token-ppl, {corpus}, seq_len {self.length}, first {self.count} "
+                    f"non-overlapping windows{bos}")
+        return f"word-ppl (lm-eval rolling), {corpus}, max_length {self.length}, {self.count} documents"
+
+
+def ppl_values(record: dict) -> list[tuple[Protocol, float]]:
+    ev = record.get("eval") or {}
+    out = []
+    for r in (ev.get("token_ppl") or {}).values():
+        out.append((Protocol("token-ppl", r["corpus"], r["split"], r["seq_len"], r["windows"], bool(r.get("bos"))),
+                    r["ppl"]))
+    for r in (ev.get("word_ppl") or {}).values():
+        out.append((Protocol("word-ppl", r["corpus"], r["split"], r["max_length"], r["documents"]),
+                    r["word_perplexity"]))
+    return out
+
+
+def task_protocol(record: dict) -> tuple:
+    """(task, items, metric of record) for every task: zero-shot numbers compare only under the same one."""
+    tasks = (record.get("eval") or {}).get("tasks") or {}
+    return tuple(sorted((t, r["n"], r["metric_of_record"]) for t, r in tasks.items()))
+
+
+def calibration_key(record: dict) -> tuple:
+    c = record["config"].get("calibration") or {}
+    return (c.get("corpus"), c.get("nsamples"), c.get("seqlen"))
+
+
+def calibration_title(record: dict) -> str:
+    corpus, nsamples, seqlen = calibration_key(record)
+    source = (record.get("calibration") or {}).get("source") or corpus
+    source = Path(str(source)).name if str(source).endswith(".txt") else source
+    return f"calibration {source}, {nsamples} x {seqlen} tokens"
+
+
+def row_key(record: dict) -> tuple:
+    c = record["config"]
+    return (c["method"], c["pattern"], float(c["sparsity"]))
+
+
+def row_label(key: tuple) -> str:
+    method, pattern, sparsity = key
+    return f"{method} {pattern}" if pattern != "unstructured" else f"{method} {_percent(sparsity)}"
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.4g}%"
+
+
+def _row_sort(keys: Iterable[tuple]) -> list[tuple]:
+    keys = list(dict.fromkeys(keys))
+    methods = list(dict.fromkeys(k[0] for k in keys))
+
+    def order(key):
+        method, pattern, sparsity = key
+        nm = re.fullmatch(r"(\d+):(\d+)", pattern)
+        return (methods.index(method), 1 if nm else 0, (int(nm.group(2)), int(nm.group(1))) if nm else (0, 0), sparsity)
+
+    return sorted(keys, key=order)
+
+
+def _columns(labels: Iterable[str]) -> list[str]:
+    labels = list(dict.fromkeys(labels))
+    return (["uniform"] if "uniform" in labels else []) + [x for x in labels if x != "uniform"]
+
+
+@dataclass
+class Stat:
+    """One table cell: a value per calibration seed."""
+
+    by_seed: dict[int, float] = field(default_factory=dict)
+
+    def add(self, seed: int, value: float) -> None:
+        self.by_seed.setdefault(seed, value)
+
+    @property
+    def n(self) -> int:
+        return len(self.by_seed)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.by_seed.values()) / self.n
+
+    @property
+    def lo(self) -> float:
+        return min(self.by_seed.values())
+
+    @property
+    def hi(self) -> float:
+        return max(self.by_seed.values())
+
+    @property
+    def half_range(self) -> float:
+        return (self.hi - self.lo) / 2
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.{digits}f}" if abs(x) < 1e6 else f"{x:.3e}"
+
+
+def _stat_text(stat: Stat, bold: bool, delta: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    text = _fmt(stat.mean * scale, digits)
+    text = f"**{text}**" if bold else text
+    if stat.n > 1:
+        text += f" ± {_fmt(stat.half_range * scale, digits)}"
+    if delta is not None:
+        text += f" ({delta * scale:+.{digits}f})"
+    return text
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def _pivot(records: Sequence[dict], value: Callable[[dict], float | None], row: Callable[[dict], Any],
+           col: Callable[[dict], str]) -> tuple[list, list[str], dict]:
+    cells: dict[tuple, Stat] = {}
+    for r in records:
+        v = value(r)
+        if v is None:
+            continue
+        cells.setdefault((row(r), col(r)), Stat()).add(r["config"].get("seed", 0), v)
+    rows = [k[0] for k in cells]
+    cols = _columns(k[1] for k in cells)
+    return rows, cols, cells
+
+
+def _pivot_lines(rows: list, cols: list[str], cells: dict, row_text: Callable[[Any], str], lower_is_better: bool,
+                 scale: float = 1.0, digits: int = 2) -> list[str]:
+    """Markdown rows: best mean per row in bold, delta to the uniform column in parentheses."""
+    out = []
+    for r in rows:
+        present = [cells[(r, c)].mean for c in cols if (r, c) in cells]
+        finite = [v for v in present if not math.isnan(v)]
+        best = (min(finite) if lower_is_better else max(finite)) if finite else None
+        uniform = cells.get((r, "uniform"))
+        line = [row_text(r)]
+        for c in cols:
+            stat = cells.get((r, c))
+            if stat is None:
+                line.append("")
+                continue
+            delta = stat.mean - uniform.mean if uniform is not None and c != "uniform" else None
+            bold = best is not None and len(set(finite)) > 1 and stat.mean == best
+            line.append(_stat_text(stat, bold, delta, scale, digits))
+        out.append(line)
+    return out
+
+
+def _seeds_note(records: Sequence[dict]) -> str:
+    seeds = sorted({r["config"].get("seed", 0) for r in records})
+    if len(seeds) <= 1:
+        return f"calibration seed {seeds[0] if seeds else 0}"
+    return (f"calibration seeds {', '.join(map(str, seeds))}: mean ± half the min-max range over the seeds "
+            f"a cell has (no ± = one seed)")
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    markdown: str
+    figures: dict[str, Any] = field(default_factory=dict)  # file name -> matplotlib Figure (until written)
+
+
+def build_report(records: Sequence[dict], sources: Sequence[str] = (), figures: bool = True) -> Report:
+    """The Markdown (and the figures it links to) for a set of records."""
+    dense = [r for r in records if r.get("kind") == "dense"]
+    pruned = [r for r in records if r.get("kind") == "pruned"]
+    main = [r for r in pruned if not r.get("name")]
+    report = Report("")
+    intro = []
+    if sources:
+        intro.append(f"From {', '.join(f'`{s}`' for s in sources)}: {len(dense)} dense and {len(pruned)} pruned cells.")
+    versions = sorted({str((r.get("versions") or {}).get("alsparse")) for r in records
+                       if (r.get("versions") or {}).get("alsparse")})
+    if versions:
+        intro.append(f"alsparse {', '.join(versions)}.")
+    intro.append("Every table is one model, one evaluation protocol and one calibration set-up; bold = best in its "
+                 "row; (+x.xx) after a number = its difference to the uniform allocation in the same row.")
+    lines = ["# Sweep results", "", " ".join(intro), ""]
+    lines += _ppl_section(main, dense, report if figures else None)
+    lines += _zero_shot_section(main, dense)
+    lines += _ablation_section([r for r in pruned if r.get("name")], dense)
+    lines += _cost_section(pruned, dense)
+    report.markdown = "\n".join(lines).rstrip() + "\n"
+    return report
+
+
+def _groups(records: Sequence[dict], key: Callable[[dict], Any]) -> dict[Any, list[dict]]:
+    out: dict[Any, list[dict]] = {}
+    for r in records:
+        out.setdefault(key(r), []).append(r)
+    return out
+
+
+def _ppl_groups(records: Sequence[dict]) -> dict[tuple, list[tuple[dict, float]]]:
+    """(model, protocol, calibration) -> [(record, ppl)]."""
+    out: dict[tuple, list] = {}
+    for r in records:
+        for protocol, value in ppl_values(r):
+            out.setdefault((r["config"]["model"], protocol, calibration_key(r)), []).append((r, value))
+    return out
+
+
+def _dense_ppl(dense: Sequence[dict], model: str, protocol: Protocol) -> float | None:
+    for r in dense:
+        for p, v in ppl_values(r):
+            if r["config"]["model"] == model and p == protocol:
+                return v
+    return None
+
+
+def _ppl_section(records: Sequence[dict], dense: Sequence[dict], report: Report | None) -> list[str]:
+    groups = _ppl_groups(records)
+    if not groups:
+        return []
+    lines = ["## Perplexity", ""]
+    for index, ((model, protocol, _), pairs) in enumerate(groups.items(), start=1):
+        recs = [r for r, _ in pairs]
+        values = {id(r): v for r, v in pairs}
+        rows, cols, cells = _pivot(recs, lambda r, values=values: values[id(r)], row_key, lambda r: r["label"])
+        rows = _row_sort(rows)
+        reference = _dense_ppl(dense, model, protocol)
+        lines += [f"### {protocol.title}", "",
+                  (f"Model `{model}`; {calibration_title(recs[0])}; {_seeds_note(recs)}. "
+                   f"Dense: {_fmt(reference) if reference is not None else 'not in the results'}. Lower is better."),
+                  ""]
+        lines += _md_table(["method / sparsity", *cols], _pivot_lines(rows, cols, cells, row_label, True))
+        lines.append("")
+        if report is not None:
+            for method in dict.fromkeys(k[0] for k in rows):
+                name = f"ppl_vs_sparsity_{_slug(method)}_{index}.png"
+                fig = _ppl_figure(method, rows, cols, cells, protocol, model, recs[0], reference)
+                if fig is not None:
+                    report.figures[name] = fig
+                    lines += [f"![{method}: {protocol.title}]({name})", ""]
+    return lines
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _ppl_figure(method, rows, cols, cells, protocol: Protocol, model: str, example: dict, dense: float | None):
+    """Perplexity vs target sparsity (unstructured cells), one line per allocator, log y axis."""
+    keys = [k for k in rows if k[0] == method and k[1] == "unstructured"]
+    if not keys:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=120)
+    for col in cols:
+        points = [(k[2], cells[(k, col)]) for k in keys if (k, col) in cells]
+        if not points:
+            continue
+        xs = [100 * x for x, _ in points]
+        ys = [s.mean for _, s in points]
+        err = [[s.mean - s.lo for _, s in points], [s.hi - s.mean for _, s in points]]
+        if any(s.n > 1 for _, s in points):
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=col)
+        else:
+            ax.plot(xs, ys, marker="o", label=col)
+    if dense is not None:
+        ax.axhline(dense, color="gray", linestyle="--", linewidth=1, label=f"dense ({dense:.2f})")
+    ax.set_yscale("log")
+    from matplotlib.ticker import LogFormatter
+
+    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    ax.set_xlabel("target sparsity (%)")
+    ax.set_ylabel(f"{protocol.kind} (log scale)")
+    xs = sorted({100 * k[2] for k in keys})
+    ax.set_xticks(xs, [f"{x:.4g}" for x in xs])
+    ax.set_title(f"{method}: {protocol.title}\n{model}; {calibration_title(example)}", fontsize=8.5)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="allocator", title_fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _zero_shot_section(records: Sequence[dict], dense: Sequence[dict]) -> list[str]:
+    groups = _groups([r for r in records if task_protocol(r)],
+                     lambda r: (r["config"]["model"], task_protocol(r), calibration_key(r)))
+    if not groups:
+        return []
+    lines = ["## Zero-shot accuracy", ""]
+    for (model, protocol, _), recs in groups.items():
+        tasks = [t for t, _, _ in protocol]
+        described = ", ".join(f"{t} ({metric}, n={n})" for t, n, metric in protocol)
+        dense_rec = next((r for r in dense if r["config"]["model"] == model and task_protocol(r) == protocol), None)
+        dense_mean = dense_rec["eval"]["tasks_mean"]["value"] if dense_rec else None
+        lines += [f"### Zero-shot: {described}", "",
+                  (f"Model `{model}`; {calibration_title(recs[0])}; {_seeds_note(recs)}. Accuracy in %, each "
+                   f"task's metric of record (lm-eval multiple-choice log-likelihood). Dense mean: "
+                   f"{_fmt(100 * dense_mean) if dense_mean is not None else 'not in the results'}. Higher is better."),
+                  "", "Mean over the tasks:", ""]
+        rows, cols, cells = _pivot(recs, lambda r: r["eval"]["tasks_mean"]["value"], row_key, lambda r: r["label"])
+        rows = _row_sort(rows)
+        lines += _md_table(["method / sparsity", *cols], _pivot_lines(rows, cols, cells, row_label, False, 100.0))
+        lines += ["", "Per task:", ""]
+        table = []
+        if dense_rec:
+            table.append(["dense", "-", *[_fmt(100 * dense_rec["eval"]["tasks"][t]["value"]) for t in tasks],
+                          _fmt(100 * dense_mean)])
+        for key in rows:
+            for col in cols:
+                subset = [r for r in recs if row_key(r) == key and r["label"] == col]
+                if not subset:
+                    continue
+                per_task = []
+                for t in tasks + ["__mean__"]:
+                    stat = Stat()
+                    for r in subset:
+                        ev = r["eval"]
+                        value = ev["tasks_mean"]["value"] if t == "__mean__" else ev["tasks"][t]["value"]
+                        stat.add(r["config"]["seed"], value)
+                    per_task.append(_stat_text(stat, False, None, 100.0))
+                table.append([row_label(key), col, *per_task])
+        lines += _md_table(["method / sparsity", "allocator", *tasks, "mean"], table)
+        lines.append("")
+    return lines
+
+
+NOT_VARIED = "(not affected)"
+
+
+def _varied_label(record: dict) -> str:
+    varied = record.get("varied") or {}
+    return ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in varied.items()) or NOT_VARIED
+
+
+def _base_label(record: dict) -> str:
+    """The allocator with its non-varied options: what an ablation column holds fixed."""
+    c = record["config"]
+    varied = {k.split(".", 1)[1] for k in (record.get("varied") or {})}
+    opts = {k: v for k, v in {**c.get("als", {}), **c.get("baselines", {})}.items() if k not in varied}
+    extra = ", ".join(f"{k}={v}" for k, v in opts.items())
+    return f"{c['allocation']} ({extra})" if extra else c["allocation"]
+
+
+def _ablation_section(records: Sequence[dict], dense: Sequence[dict]) -> list[str]:
+    if not records:
+        return []
+    lines = ["## Ablations", ""]
+    for name in dict.fromkeys(r["name"] for r in records):
+        named = [r for r in records if r["name"] == name]
+        axes = sorted({k for r in named for k in (r.get("varied") or {})})
+        groups: dict[tuple, list] = {}
+        for r in named:
+            for protocol, value in ppl_values(r):
+                groups.setdefault((r["config"]["model"], protocol), []).append((r, value))
+        for (model, protocol), pairs in groups.items():
+            recs = [r for r, _ in pairs]
+            values = {id(r): v for r, v in pairs}
+            rows, cols, cells = _pivot(recs, lambda r, values=values: values[id(r)], _varied_label,
+                                       lambda r: f"{row_label(row_key(r))} {_base_label(r)}")
+            best: dict[str, float | None] = {}
+            calibrations = sorted({calibration_title(r) for r in recs})
+            reference = _dense_ppl(dense, model, protocol)
+            lines += [f"### Ablation `{name}`: {protocol.title}", "",
+                      (f"Varied: {', '.join(axes) or 'nothing'}. Model `{model}`; "
+                       f"{'; '.join(calibrations) if len(calibrations) == 1 else 'calibration as varied'}; "
+                       f"{_seeds_note(recs)}. Dense: {_fmt(reference) if reference is not None else '-'}. "
+                       f"Lower is better; bold = best value in its column."), ""]
+            rows = [r for r in rows if r != NOT_VARIED] + [r for r in rows if r == NOT_VARIED]
+            table = []
+            for c in cols:
+                column = {r: cells[(r, c)].mean for r in rows if (r, c) in cells}
+                best[c] = min(column.values()) if len(set(column.values())) > 1 else None
+            for r in rows:
+                table.append([r] + [_stat_text(cells[(r, c)], cells[(r, c)].mean == best[c], None)
+                                    if (r, c) in cells else "" for c in cols])
+            lines += _md_table([", ".join(a.split(".", 1)[1] for a in axes) or "value", *cols], table)
+            lines.append("")
+    return lines
+
+
+def _cost_section(pruned: Sequence[dict], dense: Sequence[dict]) -> list[str]:
+    records = list(dense) + list(pruned)
+    if not records:
+        return []
+    present = [s for s in STAGES if any(s in (r.get("timings_s") or {}) for r in records)]
+    lines = ["## Cost", "",
+             ("Mean wall seconds per cell and stage; pass 1 averaged over the cells that ran it (the others reused "
+              "the dense statistics of an earlier cell with the same calibration); total = the whole cell (load to "
+              "evaluation); peak RSS = the largest per-cell peak resident memory of the sweep process (GiB, includes "
+              "what the sweep keeps between cells)."), ""]
+    for model, recs in _groups(records, lambda r: r["config"]["model"]).items():
+        lines += [f"### `{model}`", ""]
+        groups = _groups(recs, lambda r: ("dense", "-") if r["kind"] == "dense"
+                         else (r["config"]["method"], r["label"]))
+        table = []
+        for (method, label), group in groups.items():
+            row = [method, label, str(len(group))]
+            for stage in present:
+                pool = group
+                if stage == "pass1":
+                    pool = [r for r in group if not r.get("pass1_reused")]
+                vals = [r["timings_s"][stage] for r in pool if stage in (r.get("timings_s") or {})]
+                row.append(_fmt(sum(vals) / len(vals), 1) if vals else "-")
+            walls = [r["wall_s"] for r in group if "wall_s" in r]
+            row.append(_fmt(sum(walls) / len(walls), 1) if walls else "-")
+            peaks = [r.get("peak_rss_cell_gib") or (r.get("peak_memory") or {}).get("peak_rss_gib") for r in group]
+            peaks = [p for p in peaks if p is not None]
+            row.append(_fmt(max(peaks), 2) if peaks else "-")
+            table.append(row)
+        lines += _md_table(["method", "allocator", "cells", *[f"{s} s" for s in present], "total s", "peak RSS GiB"],
+                           table)
+        lines.append("")
+    return lines
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def write_report(records: Sequence[dict], out_dir: str | os.PathLike[str], sources: Sequence[str] = ()) -> list[Path]:
+    """RESULTS.md and its PNGs under ``out_dir``, each written to a temporary file and renamed."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        _pyplot()
+        figures = True
+    except ImportError:
+        log.warning("matplotlib is not installed: tables only (pip install 'alsparse[plots]')")
+        figures = False
+    report = build_report(records, sources, figures=figures)
+    written = []
+    plt = _pyplot() if figures else None
+    for name, fig in report.figures.items():
+        written.append(_atomic(out_dir / name, lambda f, fig=fig: fig.savefig(f, format="png", bbox_inches="tight")))
+        plt.close(fig)
+    written.insert(0, _atomic(out_dir / "RESULTS.md", lambda f: f.write(report.markdown.encode())))
+    return written
+
+
+def _atomic(path: Path, write: Callable[[Any], None]) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,96 @@
+"""The `sweep` and `report` subcommands. `alsparse.cli` adds them with `add_parsers(sub)` and
+`COMMANDS.update(sweep_cli.COMMANDS)`; like every command they print results on stdout, logs go to
+stderr, and a ValueError (bad input) becomes exit 2 in `cli.main`.
+
+`python -m alsparse.sweep_cli sweep|report ...` runs them standalone, with the same exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def add_parsers(sub) -> None:
+    """Add `sweep` and `report` to an argparse subparsers object."""
+    sw = sub.add_parser("sweep", help="run a YAML grid of prune + evaluate cells, appending to a results file")
+    sw.add_argument("config", help="sweep YAML (schema: docs/SWEEPS.md)")
+    sw.add_argument("--results", default=None,
+                    help="results file (JSON lines; default: the YAML's 'results', else <config>.results.jsonl)")
+    sw.add_argument("--limit-cells", type=int, default=None, help="stop after computing N new cells")
+    sw.add_argument("--dry-run", action="store_true", help="list the planned cells and which are done; compute nothing")
+    sw.add_argument("--keep-going", action="store_true",
+                    help="log a failing cell and go on (it is not recorded, so a rerun retries it)")
+    rp = sub.add_parser("report", help="Markdown tables and PNG figures from sweep results files")
+    rp.add_argument("results", nargs="+", help="results file(s) written by 'alsparse sweep'")
+    rp.add_argument("--out", default=None, help="output directory (default: the first results file's directory)")
+
+
+def _cmd_sweep(args) -> int:
+    from .sweep import load_spec, plan, run_sweep
+
+    if args.limit_cells is not None and args.limit_cells < 1:
+        raise ValueError(f"--limit-cells must be >= 1, got {args.limit_cells}")
+    spec = load_spec(args.config)
+    results = Path(args.results) if args.results else spec.results
+    if args.dry_run:
+        cells, done = plan(spec, results)
+        print(f"{'id':16s}  {'status':7s}  cell")
+        for cell in cells:
+            print(f"{cell.id:16s}  {'done' if cell.id in done else 'todo':7s}  {cell.describe()}")
+        todo = sum(cell.id not in done for cell in cells)
+        print(f"{len(cells)} cells planned, {len(cells) - todo} done, {todo} to compute; results: {results}")
+        return 0
+    outcome = run_sweep(spec, results, limit_cells=args.limit_cells, keep_going=args.keep_going)
+    print(json.dumps(outcome.to_dict(), indent=2))
+    return 1 if outcome.failed else 0
+
+
+def _cmd_report(args) -> int:
+    from .results import load_results, write_report
+
+    records = load_results(args.results)
+    if not records:
+        raise ValueError(f"no finished cells in {', '.join(args.results)}")
+    out = Path(args.out) if args.out else Path(args.results[0]).resolve().parent
+    written = write_report(records, out, sources=[Path(p).name for p in args.results])
+    logging.getLogger("alsparse").info("wrote %s", ", ".join(str(p) for p in written))
+    print(written[0].read_text(encoding="utf-8"))
+    return 0
+
+
+COMMANDS = {"sweep": _cmd_sweep, "report": _cmd_report}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point with `alsparse.cli.main`'s exit codes (0 ok, 2 bad input, 1 failure)."""
+    from .cli import EXIT_FAILURE, EXIT_USAGE
+
+    parser = argparse.ArgumentParser(prog="alsparse", description="sweeps and their reports")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"alsparse {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"alsparse {args.command}: interrupted; finished cells are in the results file", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        logging.getLogger("alsparse").debug("failure", exc_info=True)
+        print(f"alsparse {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

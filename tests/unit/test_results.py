@@ -1,0 +1,166 @@
+"""Results files and report tables on hand-made records: partial last lines, seeds (mean and spread),
+bold best, delta to uniform, protocols and calibrations kept apart, the pass-1 LRU cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from alsparse.results import ResultsFileError, build_report, load_results, read_records, write_report
+from alsparse.sweep import LRUCache
+
+
+def record(method="wanda", allocation="uniform", sparsity=0.5, seed=0, ppl=40.0, seq_len=1024, windows=40,
+           nsamples=32, kind="pruned", name=None, varied=None, label=None, pattern="unstructured", tasks=None,
+           word_ppl=None, model="m"):
+    config = {"model": model, "dtype": "float32"}
+    if kind == "pruned":
+        config.update(method=method, allocation=allocation, sparsity=sparsity, pattern=pattern, seed=seed,
+                      calibration={"corpus": "wikitext2", "nsamples": nsamples, "seqlen": 1024}, als={},
+                      baselines={})
+    ev = {"token_ppl": {"wikitext2": {"corpus": "wikitext2", "split": "test", "seq_len": seq_len,
+                                      "windows": windows, "bos": False, "ppl": ppl}},
+          "word_ppl": {}, "tasks": {}, "tasks_mean": None}
+    if word_ppl is not None:
+        ev["word_ppl"] = {"wikitext2": {"corpus": "wikitext2", "split": "test", "max_length": 2048,
+                                        "documents": 62, "word_perplexity": word_ppl}}
+    if tasks:
+        ev["tasks"] = {t: {"task": t, "n": 100, "metric_of_record": "acc", "value": v} for t, v in tasks.items()}
+        ev["tasks_mean"] = {"value": sum(tasks.values()) / len(tasks)}
+    ident = json.dumps([kind, method, allocation, sparsity, seed, seq_len, windows, nsamples, name, varied, pattern,
+                        model, bool(tasks), word_ppl])
+    return {"id": ident, "kind": kind, "name": name, "varied": varied or {},
+            "label": label or (allocation if kind == "pruned" else "dense"), "config": config,
+            "calibration": {"source": "wikitext2 validation"}, "eval": ev,
+            "timings_s": {"capture": 1.0, "pass1": 2.0, "prune": 10.0, "eval": 5.0}, "wall_s": 20.0,
+            "peak_rss_cell_gib": 1.25, "pass1_reused": False}
+
+
+def _rows(markdown: str, prefix: str) -> list[str]:
+    return [line for line in markdown.splitlines() if line.startswith(prefix)]
+
+
+def test_read_records_ignores_a_partial_last_line_and_rejects_a_corrupt_middle(tmp_path, caplog):
+    path = tmp_path / "r.jsonl"
+    good = json.dumps({"id": "a"}) + "\n" + json.dumps({"id": "b"}) + "\n"
+    path.write_text(good + '{"id": "c", "ev')
+    with caplog.at_level(logging.WARNING):
+        records, valid = read_records(path, with_offset=True)
+    assert [r["id"] for r in records] == ["a", "b"] and valid == len(good.encode())
+    assert "line 3 is incomplete" in caplog.text
+    path.write_text(good + json.dumps({"id": "c"}))  # complete JSON but no newline: also an interrupted write
+    assert [r["id"] for r in read_records(path)] == ["a", "b"]
+    path.write_text(good + "\n\n")
+    assert read_records(path, with_offset=True) == (records, len(good) + 2)
+    path.write_text('{"id": "a"}\n{"id": \n{"id": "b"}\n')
+    with pytest.raises(ResultsFileError, match="line 2 is not a valid result record"):
+        read_records(path)
+    path.write_text('{"id": "a"}\n[1, 2]\n{"id": "b"}\n')
+    with pytest.raises(ResultsFileError, match="line 2"):
+        read_records(path)
+
+
+def test_load_results_keeps_each_cell_once(tmp_path):
+    one, two = tmp_path / "1.jsonl", tmp_path / "2.jsonl"
+    one.write_text(json.dumps({"id": "a", "v": 1}) + "\n")
+    two.write_text(json.dumps({"id": "a", "v": 2}) + "\n" + json.dumps({"id": "b"}) + "\n")
+    assert [(r["id"], r.get("v")) for r in load_results([one, two])] == [("a", 1), ("b", None)]
+    with pytest.raises(FileNotFoundError):
+        load_results([tmp_path / "missing.jsonl"])
+
+
+def test_ppl_table_seeds_bold_and_delta():
+    records = [
+        record(kind="dense", ppl=19.0),
+        record(allocation="uniform", seed=0, ppl=40.0), record(allocation="uniform", seed=1, ppl=42.0),
+        record(allocation="als", seed=0, ppl=38.0), record(allocation="als", seed=1, ppl=39.0),
+        record(allocation="owl", seed=0, ppl=41.5),
+        record(allocation="uniform", sparsity=0.7, ppl=600.0), record(allocation="als", sparsity=0.7, ppl=650.0),
+        record(allocation="owl", sparsity=0.7, ppl=550.0),
+        record(allocation="uniform", pattern="2:4", ppl=90.0), record(allocation="als", pattern="2:4", ppl=95.0),
+    ]
+    markdown = build_report(records, figures=False).markdown
+    assert "### token-ppl, wikitext2 test, seq_len 1024, first 40 non-overlapping windows" in markdown
+    assert "Dense: 19.00." in markdown and "mean ± half the min-max range" in markdown
+    header = _rows(markdown, "| method / sparsity |")[0]
+    assert header == "| method / sparsity | uniform | als | owl |"  # uniform first, then as they appear
+    assert _rows(markdown, "| wanda 50% |") == [
+        "| wanda 50% | 41.00 ± 1.00 | **38.50** ± 0.50 (-2.50) | 41.50 (+0.50) |"]
+    assert _rows(markdown, "| wanda 70% |") == ["| wanda 70% | 600.00 | 650.00 (+50.00) | **550.00** (-50.00) |"]
+    assert _rows(markdown, "| wanda 2:4 |") == ["| wanda 2:4 | **90.00** | 95.00 (+5.00) |  |"]
+    table = [line for line in markdown.splitlines() if line.startswith("| wanda")]
+    assert [line.split(" | ")[0] for line in table[:3]] == ["| wanda 50%", "| wanda 70%", "| wanda 2:4"]
+
+
+def test_protocols_and_calibrations_are_never_mixed():
+    records = [
+        record(kind="dense", ppl=19.0), record(kind="dense", ppl=21.0, seq_len=512, windows=80),
+        record(allocation="uniform", ppl=40.0), record(allocation="als", ppl=38.0),
+        record(allocation="uniform", ppl=44.0, seq_len=512, windows=80),
+        record(allocation="als", ppl=43.0, seq_len=512, windows=80),
+        record(allocation="uniform", ppl=45.0, windows=10), record(allocation="uniform", ppl=47.0, nsamples=128),
+        record(allocation="uniform", sparsity=0.6, ppl=50.0, word_ppl=30.0),
+    ]
+    markdown = build_report(records, figures=False).markdown
+    sections = {s.split("\n", 1)[0]: s for s in markdown.split("\n### ")[1:]}
+    full = sections["token-ppl, wikitext2 test, seq_len 1024, first 40 non-overlapping windows"]
+    short = sections["token-ppl, wikitext2 test, seq_len 512, first 80 non-overlapping windows"]
+    few = sections["token-ppl, wikitext2 test, seq_len 1024, first 10 non-overlapping windows"]
+    word = sections["word-ppl (lm-eval rolling), wikitext2 test, max_length 2048, 62 documents"]
+    assert "Dense: 19.00" in full and "Dense: 21.00" in short and "not in the results" in few
+    assert _rows(short, "| wanda 50% |") == ["| wanda 50% | 44.00 | **43.00** (-1.00) |"]
+    assert "44.00" not in full and "40.00" not in short and "50.00" not in word
+    assert _rows(word, "| wanda 60% |") == ["| wanda 60% | 30.00 |"]
+    # a different calibration size is another table under the same protocol heading
+    assert markdown.count("### token-ppl, wikitext2 test, seq_len 1024, first 40 non-overlapping windows") == 2
+    assert "calibration wikitext2 validation, 128 x 1024 tokens" in markdown
+
+
+def test_zero_shot_ablation_and_cost_tables():
+    tasks = {"piqa": 0.60, "boolq": 0.50}
+    records = [
+        record(kind="dense", tasks={"piqa": 0.70, "boolq": 0.62}),
+        record(allocation="uniform", tasks=tasks), record(allocation="als", tasks={"piqa": 0.64, "boolq": 0.52}),
+        record(allocation="als", name="delta", varied={"als.delta": 0.1}, ppl=37.0, label="als (delta=0.1)",
+               sparsity=0.6),
+        record(allocation="als", name="delta", varied={"als.delta": 0.3}, ppl=39.0, label="als (delta=0.3)",
+               sparsity=0.6),
+    ]
+    records[3]["config"]["als"] = {"delta": 0.1}
+    records[4]["config"]["als"] = {"delta": 0.3}
+    markdown = build_report(records, figures=False).markdown
+    assert "### Zero-shot: boolq (acc, n=100), piqa (acc, n=100)" in markdown and "Dense mean: 66.00." in markdown
+    assert _rows(markdown, "| wanda 50% | 55.00") == ["| wanda 50% | 55.00 | **58.00** (+3.00) |"]
+    assert "| dense | - | 62.00 | 70.00 | 66.00 |" in markdown
+    assert "| wanda 50% | als | 52.00 | 64.00 | 58.00 |" in markdown
+    ablation = markdown.split("### Ablation `delta`")[1].split("##")[0]
+    assert "| delta | wanda 60% als |" in ablation
+    assert "| delta=0.1 | **37.00** |" in ablation and "| delta=0.3 | 39.00 |" in ablation
+    cost = markdown.split("## Cost")[1]
+    assert "| wanda | uniform | 1 | 1.0 | 2.0 | 10.0 | 5.0 | 20.0 | 1.25 |" in cost
+
+
+def test_write_report_writes_markdown_and_one_figure_per_method(tmp_path):
+    records = [record(kind="dense", ppl=19.0)]
+    for allocation, values in {"uniform": (40, 80, 600), "als": (38, 70, 560), "owl": (41, 75, 500)}.items():
+        for sparsity, ppl in zip((0.5, 0.6, 0.7), values):
+            for seed, jitter in ((0, 0.0), (1, 2.0)):
+                records.append(record(allocation=allocation, sparsity=sparsity, seed=seed, ppl=ppl + jitter))
+                records.append(record(method="sparsegpt", allocation=allocation, sparsity=sparsity, seed=seed,
+                                      ppl=0.8 * ppl + jitter))
+    written = write_report(records, tmp_path)
+    assert [p.name for p in written] == ["RESULTS.md", "ppl_vs_sparsity_wanda_1.png", "ppl_vs_sparsity_sparsegpt_1.png"]
+    for png in written[1:]:
+        assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+        assert f"]({png.name})" in written[0].read_text()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_lru_cache_evicts_the_least_recently_used_and_counts_hits():
+    cache = LRUCache(2)
+    cache["a"], cache["b"] = 1, 2
+    assert cache.get("a") == 1 and cache.hits == 1
+    cache["c"] = 3
+    assert set(cache) == {"a", "c"} and cache.get("b") is None and cache.hits == 1

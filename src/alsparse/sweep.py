@@ -36,7 +36,7 @@ from .results import read_records
 log = logging.getLogger(__name__)
 
 TOP_KEYS = ("model", "dtype", "device", "batch_size", "offload", "trust_remote_code", "calibration", "eval", "grid",
-            "plots_dir", "results", "pass1_cache_entries")
+            "dense", "plots_dir", "results", "pass1_cache_entries")
 ENTRY_KEYS = ("name", "methods", "allocations", "sparsities", "patterns", "als", "baselines", "calibration", "eval",
               "allocation_file")
 CALIBRATION_KEYS = ("corpus", "nsamples", "seqlen", "seeds")
@@ -181,7 +181,9 @@ def parse_spec(raw: Any) -> SweepSpec:
     cells: list[Cell] = []
     for i, entry in enumerate(grid):
         cells.extend(_expand_entry(entry, f"grid[{i}]", model, dtype, batch_size, offload, calibration, eval_base))
-    dense = [Cell("dense", model, dtype, ev) for ev in _unique(c.eval for c in cells)]
+    if not isinstance(raw.get("dense", True), bool):
+        raise SweepConfigError(f"dense must be true or false, got {raw['dense']!r}")
+    dense = [Cell("dense", model, dtype, ev) for ev in _unique(c.eval for c in cells)] if raw.get("dense", True) else []
     unique: dict[str, Cell] = {}
     for cell in dense + cells:
         unique.setdefault(cell.id, cell)

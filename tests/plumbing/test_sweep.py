@@ -233,6 +233,32 @@ def test_unreadable_sweep_inputs_exit_2(tmp_path, capsys):
     assert not (tmp_path / "r" / "RESULTS.md").exists()
 
 
+def test_failing_cell_keeps_finished_cells_and_keep_going_skips_it(tiny_model_dir, tmp_path, capsys):
+    # 3:6 cannot fit the tiny model's 32 inputs: the error surfaces when that cell prunes
+    cfg = _config(tiny_model_dir, grid=[{"methods": "magnitude", "allocations": "uniform", "sparsities": 0.5,
+                                         "patterns": ["unstructured", "3:6"]}])
+    config, results = _write(tmp_path, cfg), tmp_path / "results.jsonl"
+    assert main(["sweep", str(config), "--results", str(results)]) == 2
+    assert "divisible by 6" in capsys.readouterr().err
+    assert [r["config"].get("pattern") for r in _lines(results)] == [None, "unstructured"]
+    assert main(["sweep", str(config), "--results", str(results), "--keep-going"]) == 1
+    outcome = json.loads(capsys.readouterr().out)
+    assert (outcome["computed"], outcome["failed"], outcome["remaining"]) == (0, 1, 1)
+    assert len(_lines(results)) == 2
+
+
+def test_a_results_file_in_use_is_refused(tiny_model_dir, tmp_path, capsys):
+    import fcntl
+
+    results = tmp_path / "results.jsonl"
+    config = _write(tmp_path, _config(tiny_model_dir))
+    with open(results, "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert main(["sweep", str(config), "--results", str(results)]) == 2
+    assert "locked by another running sweep" in capsys.readouterr().err
+    assert results.read_text() == ""
+
+
 def test_smollm2_grid_file_plans_the_issue_grid():
     spec = sweep.load_spec(REPO / "benchmarks" / "sweeps" / "smollm2.yaml")
     assert spec.model == "smollm2-135m"
@@ -255,6 +281,17 @@ def test_smollm2_grid_file_plans_the_issue_grid():
     calib_sizes = {c.calibration.nsamples for c in pruned if c.name == "calib_size"}
     assert len(calib_sizes) >= 3 and 32 in calib_sizes
     assert len({c.id for c in spec.cells}) == len(spec.cells)
+
+
+def test_dense_cells_one_per_evaluation_unless_turned_off(tiny_model_dir):
+    cfg = _config(tiny_model_dir)
+    cfg["grid"].append({"methods": "magnitude", "allocations": "uniform", "sparsities": 0.5, "eval": {"limit": 2}})
+    spec = sweep.parse_spec(cfg)
+    dense = [c for c in spec.cells if c.kind == "dense"]
+    assert [c.eval["limit"] for c in dense] == [3, 2] and spec.cells[:2] == tuple(dense)
+    assert not [c for c in sweep.parse_spec({**cfg, "dense": False}).cells if c.kind == "dense"]
+    with pytest.raises(sweep.SweepConfigError, match="dense must be true or false"):
+        sweep.parse_spec({**cfg, "dense": "no"})
 
 
 WIRED = "sweep" in getattr(cli, "COMMANDS", {})

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .config import Pattern, PruneConfig
-from .models import decoder_blocks, find_linears
+from .models import decoder_blocks, find_linears, resident
 from .registry import Registry
 
 log = logging.getLogger(__name__)
@@ -305,8 +305,9 @@ def _alphapruning(ctx: AllocationContext):
     eps = ctx.config.baselines.alpha_eps
     alphas = []
     for block in decoder_blocks(ctx.model):
-        refs = find_linears(block)
-        alphas.append(sum(esd_alpha(ref.weight_oi.detach()) for ref in refs) / len(refs))
+        with resident(block):
+            refs = find_linears(block)
+            alphas.append(sum(esd_alpha(ref.weight_oi.detach()) for ref in refs) / len(refs))
     block_alpha = torch.tensor(alphas, dtype=torch.float64)
     return alphapruning_allocate(block_alpha, ctx.sizes, ctx.target, eps=eps), {"alpha": alphas, "eps": eps}
 

@@ -8,7 +8,7 @@ from typing import Callable, Iterator, MutableMapping, Optional
 import torch
 from torch import nn
 
-from .allocate import Allocation, allocate, allocation_needs
+from .allocate import Allocation, allocate, allocation_needs, block_prefix
 from .capture import BlockStep, capture_block_inputs, record_input_stats, stream_blocks
 from .checkpoint import BlockCheckpoints, run_fingerprint
 from .config import PruneConfig
@@ -55,6 +55,7 @@ def prune_(
     device = torch.device(config.device) if config.device else model_device(model)
     needs = allocation_needs(config)
     _check_pattern_fits(model, config)
+    _check_lazy(model, config, checkpoint)
     timer = StageTimer()
     saved = None
     if checkpoint is not None:
@@ -73,9 +74,9 @@ def prune_(
         if checkpoint is not None:
             checkpoint.save_allocation(allocation.state())
     with timer("prune"):
-        resumed_from = _prune_blocks(model, acts, pruner, allocation, config, device, checkpoint, saved is not None,
-                                     on_block)
-    report = _make_report(model, config, allocation, timer, device, calibration, calibration_info)
+        resumed_from, records = _prune_blocks(model, acts, pruner, allocation, config, device, checkpoint,
+                                              saved is not None, on_block)
+    report = _make_report(model, config, allocation, records, timer, device, calibration, calibration_info)
     report.resumed_from_block = resumed_from
     log.info("pruned to %.4f sparsity (target %.4f)", report.achieved_sparsity, config.sparsity)
     return report
@@ -110,10 +111,13 @@ def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_ca
     return config, acts, allocation
 
 
-def _prune_blocks(model, acts, pruner, allocation, config, device, checkpoint, restoring, on_block) -> Optional[int]:
+def _prune_blocks(model, acts, pruner, allocation, config, device, checkpoint, restoring, on_block):
     """Prune block after block; with a checkpoint, save each finished block and, when resuming,
-    load the intact prefix instead of pruning it. Returns the block pruning resumed at (or None)."""
+    load the intact prefix instead of pruning it. Returns the block pruning resumed at (or None)
+    and the per-linear records, taken while each block is onloaded (a lazy one is gone after)."""
     resumed_from = None
+    records: list[LinearRecord] = []
+    prefix = block_prefix(model)
     steps = (
         _steps_without_data(model, config, device)
         if acts is None
@@ -121,9 +125,11 @@ def _prune_blocks(model, acts, pruner, allocation, config, device, checkpoint, r
     )
     num_blocks = len(decoder_blocks(model))
     for step in steps:
+        names = {name: f"{prefix}.{step.index}.{name}" for name, _ in step.block.named_parameters()}
         if restoring:
             tensors = checkpoint.load_block(step.index)
-            if tensors is not None and _restore(step, tensors):
+            if tensors is not None and _restore(step, tensors, names):
+                records.extend(_records(step, allocation, prefix))
                 continue  # the stream runs the restored block forward for the next one's inputs
             restoring, resumed_from = False, step.index
             log.info("resuming: blocks 0..%d restored from checkpoints, pruning from block %d", step.index - 1,
@@ -133,24 +139,47 @@ def _prune_blocks(model, acts, pruner, allocation, config, device, checkpoint, r
                 _prune_linear(ref, None, step.index, pruner, allocation, config)
         else:
             _prune_block(step, pruner, allocation, config)
+        records.extend(_records(step, allocation, prefix))
         if checkpoint is not None:
-            checkpoint.save_block(step.index, {ref.name: ref.module.weight for ref in step.linears})
+            params = dict(step.block.named_parameters())
+            checkpoint.save_block(step.index, {full: params[name] for name, full in names.items()})
         if on_block is not None:
             on_block(step.index, num_blocks)
     if restoring:
         resumed_from = num_blocks
-    return resumed_from
+    return resumed_from, records
 
 
-def _restore(step: BlockStep, tensors: dict[str, torch.Tensor]) -> bool:
-    weights = {ref.name: ref.module.weight for ref in step.linears}
-    if set(tensors) != set(weights) or any(tensors[k].shape != w.shape for k, w in weights.items()):
-        log.warning("checkpoint of block %d does not match the model's linears; pruning it again", step.index)
+def _restore(step: BlockStep, tensors: dict[str, torch.Tensor], names: dict[str, str]) -> bool:
+    """Copy a checkpointed block (all its parameters, by full name) into the onloaded block."""
+    params = dict(step.block.named_parameters())
+    if set(tensors) != set(names.values()) or any(tensors[names[n]].shape != p.shape for n, p in params.items()):
+        log.warning("checkpoint of block %d does not match the model's parameters; pruning it again", step.index)
         return False
     with torch.no_grad():
-        for name, weight in weights.items():
-            weight.copy_(tensors[name])
+        for name, param in params.items():
+            param.copy_(tensors[names[name]])
     return True
+
+
+def _records(step: BlockStep, allocation: Allocation, prefix: str) -> list[LinearRecord]:
+    out = []
+    for ref in step.linears:
+        allocated, pattern = allocation.target(step.index, ref.name)
+        weight = ref.module.weight
+        out.append(
+            LinearRecord(
+                name=f"{prefix}.{step.index}.{ref.name}",
+                block=step.index,
+                unit=next(u.name for u in allocation.units if u.block == step.index and ref.name in u.linears),
+                numel=weight.numel(),
+                allocated=allocated,
+                achieved=float((weight == 0).sum().item()) / weight.numel(),
+                pattern=str(pattern),
+                mask_sha256=mask_sha256(weight),
+            )
+        )
+    return out
 
 
 def _with_saved_beta(config: PruneConfig, allocation: Allocation) -> PruneConfig:
@@ -217,6 +246,18 @@ def _check_pattern_fits(model: nn.Module, config: PruneConfig) -> None:
                 )
 
 
+def _check_lazy(model, config, checkpoint) -> None:
+    from .lazy import is_lazy
+
+    if not is_lazy(model):
+        return
+    if checkpoint is None:
+        raise ValueError("a model streamed from disk writes each pruned block to its checkpoints; pass checkpoint=")
+    if config.allocation == "atp" and config.baselines.atp_beta is None:
+        raise ValueError("ATP's beta search prunes and evaluates whole copies of the model, which streaming from disk "
+                         "avoids; pass atp_beta (--atp-beta) or load the model into memory")
+
+
 def _check_calibration(calibration) -> None:
     if calibration is None or not isinstance(calibration, torch.Tensor) or calibration.ndim != 2:
         raise ValueError("this method/allocator needs calibration token ids as a LongTensor [N, T]")
@@ -224,27 +265,7 @@ def _check_calibration(calibration) -> None:
         raise ValueError(f"calibration must hold at least one window of >= 2 tokens, got {tuple(calibration.shape)}")
 
 
-def _make_report(model, config, allocation, timer, device, calibration, calibration_info) -> PruneReport:
-    from .allocate import block_prefix
-
-    prefix = block_prefix(model)
-    records = []
-    for index, block in enumerate(decoder_blocks(model)):
-        for ref in find_linears(block):
-            allocated, pattern = allocation.target(index, ref.name)
-            weight = ref.module.weight
-            records.append(
-                LinearRecord(
-                    name=f"{prefix}.{index}.{ref.name}",
-                    block=index,
-                    unit=next(u.name for u in allocation.units if u.block == index and ref.name in u.linears),
-                    numel=weight.numel(),
-                    allocated=allocated,
-                    achieved=float((weight == 0).sum().item()) / weight.numel(),
-                    pattern=str(pattern),
-                    mask_sha256=mask_sha256(weight),
-                )
-            )
+def _make_report(model, config, allocation, records, timer, device, calibration, calibration_info) -> PruneReport:
     calib = dict(calibration_info or {})
     if calibration is not None:
         calib.update(

@@ -40,10 +40,16 @@ class CheckpointMismatchError(ValueError):
 def model_fingerprint(model: nn.Module) -> str:
     """SHA-256 over the model config and every parameter's name, shape, dtype and an evenly spaced
     sample of its values: cheap for a 70B model, and any different checkpoint of the same
-    architecture changes it."""
+    architecture changes it. A model streamed from disk is fingerprinted from its files."""
     h = hashlib.sha256()
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    from .lazy import is_lazy, lazy_block
+    from .models import decoder_blocks
+
+    if is_lazy(model):  # the blocks are on disk: fingerprint the files rather than read them all
+        lazy_block(decoder_blocks(model)[0]).source.fingerprint(h)
+        return "files:" + h.hexdigest()
     with torch.no_grad():
         for name, p in model.named_parameters():
             flat = p.detach().reshape(-1)
@@ -112,6 +118,10 @@ class BlockCheckpoints:
     def _block(self, index: int, suffix: str) -> Path:
         return self.dir / f"block-{index:05d}.{suffix}"
 
+    def block_path(self, index: int) -> Path:
+        """The safetensors file of block ``index`` (full parameter names: a ready model shard)."""
+        return self._block(index, "safetensors")
+
     def open(self, fingerprint: dict[str, Any], resume: bool) -> Optional[dict[str, Any]]:
         """Start or resume. Returns the saved allocation state when resuming (None otherwise).
         An existing checkpoint without ``resume`` is refused (it may be hours of work); one made
@@ -156,7 +166,7 @@ class BlockCheckpoints:
     def save_block(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save
 
-        data = save({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()})
+        data = save({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, metadata={"format": "pt"})
         weights = self._block(index, "safetensors")
         _write_atomic(weights, data)
         _write_atomic(self._block(index, "sha256"), hashlib.sha256(data).hexdigest().encode())

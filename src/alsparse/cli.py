@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true")
     pr.add_argument("--resume", action="store_true",
                     help="continue an interrupted run from its per-block checkpoints (OUT.alsparse-ckpt)")
+    pr.add_argument("--from-disk", action="store_true",
+                    help="keep the blocks on disk, read each when needed and write it out once pruned: memory about "
+                         "one block whatever the model size (needs a local safetensors directory)")
     pr.add_argument("--no-checkpoint", action="store_true",
                     help="do not write per-block checkpoints (saves disk: they take the pruned model's size)")
     pr.add_argument("--trust-remote-code", action="store_true")
@@ -55,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", dest="json_out", help="also write the results as JSON to this file")
     ev.add_argument("--stream", action="store_true",
                     help="keep the model on CPU and onload one block at a time to --device (models larger than it)")
+    ev.add_argument("--from-disk", action="store_true",
+                    help="read each block from the safetensors files only for its forward (implies --stream)")
     ev.add_argument("--trust-remote-code", action="store_true")
     _add_eval_args(ev, prefix="")
 
@@ -168,9 +173,10 @@ def _cmd_eval(args) -> int:
 
     cfg = _eval_config(args, "")
     device = _resolve_device(args.device)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu" if args.stream else device,
-                                  trust_remote_code=args.trust_remote_code)
-    if args.stream:
+    stream = args.stream or args.from_disk
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu" if stream else device,
+                                  trust_remote_code=args.trust_remote_code, from_disk=args.from_disk)
+    if stream:
         with streamed(model, torch.device(device)):
             results = evaluate(model, tokenizer, cfg)
     else:
@@ -195,6 +201,12 @@ def write_json_atomic(path: Path, data) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def torch_device(name: str):
+    import torch
+
+    return torch.device(name)
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -247,6 +259,9 @@ def _cmd_prune(args) -> int:
                          f"or delete that directory to start over")
     if args.resume and ckpt is None:
         raise UsageError("--resume needs the checkpoints that --no-checkpoint turns off")
+    if args.from_disk and ckpt is None:
+        raise UsageError("--from-disk writes each pruned block to the checkpoints; it cannot be used with "
+                         "--no-checkpoint")
     device = _resolve_device(args.device)
     config = PruneConfig(
         method=args.method,
@@ -262,7 +277,8 @@ def _cmd_prune(args) -> int:
         baselines=_baseline_options(args),
     )
     logging.getLogger("alsparse").info("loading %s", args.model)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code,
+                                  from_disk=args.from_disk)
     _check_seqlen(model, args.seqlen)
     calibration, calib_info = sample_calibration_from(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed)
     _check_vocab(model, calibration)
@@ -275,13 +291,18 @@ def _cmd_prune(args) -> int:
               file=sys.stderr)
     summary = {"out": str(out), **report.summary()}
     extra = {}
-    if eval_cfg:
+    if eval_cfg and not args.from_disk:
         pruned = _evaluate_on(model, tokenizer, eval_cfg, device, "pruned")
         summary["eval"] = {"dense": dense, "pruned": pruned}
         extra["alsparse_eval.json"] = json.dumps(summary["eval"], indent=2, default=str).encode()
-    save(model, tokenizer, report, out, overwrite=args.overwrite, extra_files=extra)
+    save(model, tokenizer, report, out, overwrite=args.overwrite, extra_files=extra, checkpoints=ckpt)
     if ckpt is not None:
         ckpt.remove()  # the saved model supersedes them
+    if eval_cfg and args.from_disk:  # the pruned blocks are on disk now: evaluate them from there
+        pruned_model, _ = load_model(str(out), dtype=args.dtype, from_disk=True)
+        pruned = _evaluate_on(pruned_model, tokenizer, eval_cfg, device, "pruned")
+        summary["eval"] = {"dense": dense, "pruned": pruned}
+        write_json_atomic(out / "alsparse_eval.json", summary["eval"])
     print(format_report(report), file=sys.stderr)
     if eval_cfg:
         print(format_side_by_side(dense, pruned), file=sys.stderr)
@@ -292,7 +313,13 @@ def _cmd_prune(args) -> int:
 def _evaluate_on(model, tokenizer, cfg, device, label):
     from .eval import evaluate
 
+    from .lazy import is_lazy
+    from .models import streamed
+
     logging.getLogger("alsparse").info("evaluating the %s model", label)
+    if is_lazy(model):
+        with streamed(model, torch_device(device)):
+            return evaluate(model, tokenizer, cfg)
     home = next(model.parameters()).device
     model.to(device)
     try:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from torch import nn
 
+from .checkpoint import BlockCheckpoints
 from .models import decoder_blocks, find_linears
 from .report import REPORT_NAME, PruneReport
 
@@ -25,18 +28,26 @@ def save(
     overwrite: bool = False,
     extra_files: Optional[dict[str, bytes]] = None,
     plots: bool = True,
+    checkpoints: Optional[BlockCheckpoints] = None,
 ) -> Path:
     """Write a normal HF directory (safetensors) + alsparse_report.json (+ PNG plots of the
-    allocation and RM matrix) under a temporary name,
-    then rename it into place. An existing ``out_dir`` is refused unless ``overwrite``; on any
-    error the previous content is left as it was."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out} exists; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
+    allocation and RM matrix) under a temporary name, then rename it into place. An existing
+    ``out_dir`` is refused unless ``overwrite``; on any error the previous content is left as it was.
+
+    A model whose blocks stay on disk (:mod:`alsparse.lazy`) is written from the run's
+    ``checkpoints`` instead: each pruned block's file becomes one shard (hard-linked when
+    possible), the non-block weights another, with a ``model.safetensors.index.json``; memory stays
+    at one block."""
+    from .lazy import is_lazy
+
+    lazy = is_lazy(model)
+    if lazy and checkpoints is None:
+        raise ValueError("a model streamed from disk is saved from its block checkpoints; pass checkpoints=")
+    with _staging(out_dir, overwrite) as tmp:
+        if lazy:
+            _write_streamed_weights(model, checkpoints, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
@@ -47,12 +58,60 @@ def save(
                 write_plots(report, tmp)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
+    log.info("saved to %s", out_dir)
+    return Path(out_dir)
+
+
+@contextlib.contextmanager
+def _staging(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling directory that replaces ``out_dir`` only if the block succeeds."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out} exists; pass overwrite=True (--overwrite) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("saved to %s", out)
-    return out
+
+
+def _write_streamed_weights(model: nn.Module, checkpoints: BlockCheckpoints, tmp: Path) -> None:
+    from safetensors.torch import save_file
+
+    from .lazy import INDEX, lazy_block
+    from .models import BLOCK_PATHS, family
+
+    blocks = decoder_blocks(model)
+    source = lazy_block(blocks[0]).source
+    weight_map: dict[str, str] = {}
+    total = 0
+    for index in range(len(blocks)):
+        shard = f"model-block-{index:05d}.safetensors"
+        src = checkpoints.block_path(index)
+        if not src.is_file():
+            raise FileNotFoundError(f"block {index} has no checkpoint in {checkpoints.dir}; was it pruned?")
+        try:
+            os.link(src, tmp / shard)
+        except OSError:  # another filesystem: copy
+            shutil.copyfile(src, tmp / shard)
+        for key, nbytes in source.nbytes(tmp / shard).items():
+            weight_map[key] = shard
+            total += nbytes
+    prefix = BLOCK_PATHS[family(model)] + "."
+    rest = source.read([name for name in source.files if not name.startswith(prefix)])
+    save_file({k: v.contiguous() for k, v in rest.items()}, str(tmp / "model-rest.safetensors"),
+              metadata={"format": "pt"})
+    for key, value in rest.items():
+        weight_map[key] = "model-rest.safetensors"
+        total += value.numel() * value.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / INDEX).write_text(json.dumps(index, indent=2))
+    model.config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
 
 
 def _replace_dir(new: Path, out: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -98,9 +97,21 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+LAZY_ATTR = "_alsparse_lazy"  # set on decoder blocks whose weights stay on disk (alsparse.lazy)
+
+
 @contextlib.contextmanager
 def onload(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
-    """Move a module to ``device`` for the duration of the block, then back."""
+    """Move a module to ``device`` for the duration of the block, then back. A block loaded lazily
+    (:mod:`alsparse.lazy`) is read from disk instead, and dropped again afterwards."""
+    lazy = getattr(module, LAZY_ATTR, None)
+    if lazy is not None:
+        lazy.materialize(module, device)
+        try:
+            yield module
+        finally:
+            lazy.release(module)
+        return
     home = next(module.parameters()).device
     if home == device:
         yield module
@@ -110,6 +121,11 @@ def onload(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
         yield module
     finally:
         module.to(home)
+
+
+def resident(block: nn.Module):
+    """A context in which the block's weights are in memory: a no-op unless it streams from disk."""
+    return onload(block, torch.device("cpu")) if getattr(block, LAZY_ATTR, None) is not None else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -165,21 +181,27 @@ def streamed(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
     blocks = decoder_blocks(model)
     homes = [next(block.parameters()).device for block in blocks]
     handles = []
+    active: dict[int, contextlib.ExitStack] = {}
 
     def onload_hook(module, args):  # hooks must return None, or they replace args / outputs
-        module.to(device)
+        stack = contextlib.ExitStack()
+        stack.enter_context(onload(module, device))
+        active[id(module)] = stack
 
-    def offload_hook(module, args, output, home):
-        module.to(home)
+    def offload_hook(module, args, output):
+        active.pop(id(module)).close()
 
-    for block, home in zip(blocks, homes):
+    for block in blocks:
         handles.append(block.register_forward_pre_hook(onload_hook))
-        handles.append(block.register_forward_hook(functools.partial(offload_hook, home=home)))
+        handles.append(block.register_forward_hook(offload_hook))
     try:
         with onload_except(model, blocks, device):
             yield model
     finally:
         for handle in handles:
             handle.remove()
-        for block, home in zip(blocks, homes):  # an exception mid-forward may leave one onloaded
-            block.to(home)
+        for stack in active.values():  # an exception mid-forward may leave one onloaded
+            stack.close()
+        for block, home in zip(blocks, homes):
+            if getattr(block, LAZY_ATTR, None) is None:
+                block.to(home)

@@ -98,24 +98,34 @@ def strip_quantization(model) -> None:
 
 
 def load_model(
-    model: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False
+    model: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False, from_disk: bool = False
 ) -> tuple[Any, Any]:
-    """Load (model, tokenizer). Raises ModelSourceError with the reason on any failure."""
+    """Load (model, tokenizer). Raises ModelSourceError with the reason on any failure.
+    ``from_disk``: keep the decoder blocks on disk, each read when used (:mod:`alsparse.lazy`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ModelSourceError(f"dtype {dtype!r} is not valid; choose one of: {', '.join(DTYPES)}")
     where = resolve(model)
+    if from_disk and not isinstance(where, Path):
+        raise ModelSourceError(f"streaming from disk needs a local directory; download {model!r} first "
+                               f"(huggingface-cli download {model} --local-dir DIR)")
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(
-            str(where), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
-        )
+        if from_disk:
+            from .lazy import load_lazy
+
+            loaded = load_lazy(where, DTYPES[dtype], trust_remote_code=trust_remote_code)
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(
+                str(where), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+            )
     except Exception as exc:  # noqa: BLE001
         raise ModelSourceError(f"cannot load model from {where}: {exc}") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(where), trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001
         raise ModelSourceError(f"cannot load a tokenizer from {where}: {exc}") from exc
-    loaded.to(device)
+    if not from_disk:
+        loaded.to(device)
     loaded.eval()
     return loaded, tokenizer

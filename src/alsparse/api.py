@@ -108,6 +108,8 @@ def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_ca
     with timer("allocation"):
         allocation = allocate(model, config, data)
         allocation.diagnostics.update(search)
+    if not pruner.needs_calibration:
+        acts = None  # captured for pass 1 only: a data-free pruner need not run the blocks again
     return config, acts, allocation
 
 

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import sweep_cli
+
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
@@ -64,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_eval_args(ev, prefix="")
 
     sub.add_parser("ls", help="list registered pruners, allocators, corpora and tasks")
+    sweep_cli.add_parsers(sub)
     return p
 
 
@@ -385,7 +388,7 @@ def format_report(report) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "ls": _cmd_ls}
+COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "ls": _cmd_ls, **sweep_cli.COMMANDS}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

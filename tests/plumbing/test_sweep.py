@@ -294,10 +294,6 @@ def test_dense_cells_one_per_evaluation_unless_turned_off(tiny_model_dir):
         sweep.parse_spec({**cfg, "dense": "no"})
 
 
-WIRED = "sweep" in getattr(cli, "COMMANDS", {})
-
-
-@pytest.mark.xfail(not WIRED, reason="sweep_cli is not wired into alsparse.cli yet", strict=True)
 def test_sweep_and_report_through_alsparse_main(tiny_model_dir, tmp_path, capsys):
     cfg = _config(tiny_model_dir, grid=[{"methods": "magnitude", "allocations": "uniform", "sparsities": 0.5}])
     results = tmp_path / "results.jsonl"

@@ -8,6 +8,7 @@ from typing import Callable, Iterator, MutableMapping, Optional
 import torch
 from torch import nn
 
+from . import distributed
 from .allocate import Allocation, allocate, allocation_needs, block_prefix
 from .capture import BlockStep, capture_block_inputs, record_input_stats, stream_blocks
 from .checkpoint import BlockCheckpoints, run_fingerprint
@@ -16,7 +17,7 @@ from .data.calibration import fingerprint
 from .models import decoder_blocks, find_linears, model_device, onload
 from .pass1 import cache_key as pass1_key
 from .pass1 import collect as collect_pass1
-from .pruning import PRUNERS, Pruner
+from .pruning import PRUNERS
 from .report import (
     LinearRecord,
     PruneReport,
@@ -57,25 +58,28 @@ def prune_(
     _check_pattern_fits(model, config)
     _check_lazy(model, config, checkpoint)
     timer = StageTimer()
-    saved = None
+    saved, intact = None, 0
     if checkpoint is not None:
+        checkpoint.writer = distributed.is_main()  # every process reads checkpoints; one writes them
         with timer("checkpoint"):
-            saved = checkpoint.open(run_fingerprint(model, calibration, config), resume)
+            fp = run_fingerprint(model, calibration, config)
+            saved = distributed.on_main(lambda: checkpoint.open(fp, resume))
+            if saved is not None:
+                intact = distributed.on_main(lambda: checkpoint.intact_prefix(len(decoder_blocks(model))))
     acts = None
     if saved is not None:  # resuming: the allocation is known, pass 1 and any search are skipped
         allocation = Allocation.from_state(saved)
         config = _with_saved_beta(config, allocation)
         if pruner.needs_calibration:
-            _check_calibration(calibration)
             with timer("capture"):
-                acts = capture_block_inputs(model, calibration, device, config.batch_size, config.offload)
+                acts = _capture(model, calibration, device, config)
     else:
         config, acts, allocation = _allocate(model, calibration, config, pruner, needs, device, timer, pass1_cache)
         if checkpoint is not None:
             checkpoint.save_allocation(allocation.state())
     with timer("prune"):
-        resumed_from, records = _prune_blocks(model, acts, pruner, allocation, config, device, checkpoint,
-                                              saved is not None, on_block)
+        records = _prune_blocks(model, acts, pruner, allocation, config, device, checkpoint, intact, on_block)
+    resumed_from = intact if saved is not None else None
     report = _make_report(model, config, allocation, records, timer, device, calibration, calibration_info)
     report.resumed_from_block = resumed_from
     log.info("pruned to %.4f sparsity (target %.4f)", report.achieved_sparsity, config.sparsity)
@@ -94,9 +98,8 @@ def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_ca
     cached = pass1_cache.get(key) if key is not None else None
     acts = None
     if pruner.needs_calibration or (needs and cached is None):
-        _check_calibration(calibration)
         with timer("capture"):
-            acts = capture_block_inputs(model, calibration, device, config.batch_size, config.offload)
+            acts = _capture(model, calibration, device, config)
     with timer("pass1"):
         if cached is not None:
             log.info("pass 1: reusing the cached dense statistics")
@@ -113,11 +116,19 @@ def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_ca
     return config, acts, allocation
 
 
-def _prune_blocks(model, acts, pruner, allocation, config, device, checkpoint, restoring, on_block):
-    """Prune block after block; with a checkpoint, save each finished block and, when resuming,
-    load the intact prefix instead of pruning it. Returns the block pruning resumed at (or None)
-    and the per-linear records, taken while each block is onloaded (a lazy one is gone after)."""
-    resumed_from = None
+def _capture(model, calibration, device, config):
+    """Block-0 inputs of this process's share of the calibration micro-batches (all of them in a
+    single process)."""
+    _check_calibration(calibration)
+    starts = distributed.shard_starts(int(calibration.shape[0]), config.batch_size)
+    return capture_block_inputs(model, calibration, device, config.batch_size, config.offload, starts=starts)
+
+
+def _prune_blocks(model, acts, pruner, allocation, config, device, checkpoint, intact: int, on_block):
+    """Prune block after block; with a checkpoint, save each finished block. Blocks below
+    ``intact`` (resuming) are loaded from the checkpoints instead of pruned, then run forward for
+    the next block's inputs. Returns the per-linear records, taken while each block is onloaded
+    (a block streamed from disk is gone afterwards)."""
     records: list[LinearRecord] = []
     prefix = block_prefix(model)
     steps = (
@@ -126,42 +137,39 @@ def _prune_blocks(model, acts, pruner, allocation, config, device, checkpoint, r
         else stream_blocks(model, acts, device, desc=f"{config.method} pruning", consume=True)
     )
     num_blocks = len(decoder_blocks(model))
+    if intact:
+        log.info("resuming: blocks 0..%d restored from checkpoints, pruning from block %d", intact - 1, intact)
     for step in steps:
         names = {name: f"{prefix}.{step.index}.{name}" for name, _ in step.block.named_parameters()}
-        if restoring:
-            tensors = checkpoint.load_block(step.index)
-            if tensors is not None and _restore(step, tensors, names):
-                records.extend(_records(step, allocation, prefix))
-                continue  # the stream runs the restored block forward for the next one's inputs
-            restoring, resumed_from = False, step.index
-            log.info("resuming: blocks 0..%d restored from checkpoints, pruning from block %d", step.index - 1,
-                     step.index)
-        if acts is None:
-            for ref in step.linears:
-                _prune_linear(ref, None, step.index, pruner, allocation, config)
-        else:
-            _prune_block(step, pruner, allocation, config)
+        if step.index < intact:
+            _restore(step, checkpoint.load_block(step.index), names)
+            records.extend(_records(step, allocation, prefix))
+            continue  # the stream runs the restored block forward for the next one's inputs
+        stats = {}
+        if acts is not None and pruner.needs_calibration:
+            stats = record_input_stats(step, pruner.needs_norms, pruner.needs_hessian)
+        for k, ref in enumerate(step.linears):  # one owner per linear; the others receive its result
+            if distributed.owner(k) == distributed.rank():
+                _prune_linear(ref, stats.get(ref.name), step.index, pruner, allocation, config)
+        for k, ref in enumerate(step.linears):
+            distributed.broadcast_(ref.module.weight.data, src=distributed.owner(k))
         records.extend(_records(step, allocation, prefix))
         if checkpoint is not None:
             params = dict(step.block.named_parameters())
             checkpoint.save_block(step.index, {full: params[name] for name, full in names.items()})
         if on_block is not None:
             on_block(step.index, num_blocks)
-    if restoring:
-        resumed_from = num_blocks
-    return resumed_from, records
+    return records
 
 
-def _restore(step: BlockStep, tensors: dict[str, torch.Tensor], names: dict[str, str]) -> bool:
+def _restore(step: BlockStep, tensors: Optional[dict[str, torch.Tensor]], names: dict[str, str]) -> None:
     """Copy a checkpointed block (all its parameters, by full name) into the onloaded block."""
     params = dict(step.block.named_parameters())
-    if set(tensors) != set(names.values()) or any(tensors[names[n]].shape != p.shape for n, p in params.items()):
-        log.warning("checkpoint of block %d does not match the model's parameters; pruning it again", step.index)
-        return False
+    if tensors is None or set(tensors) != set(names.values()):
+        raise RuntimeError(f"checkpoint of block {step.index} vanished or changed while resuming")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[names[name]])
-    return True
 
 
 def _records(step: BlockStep, allocation: Allocation, prefix: str) -> list[LinearRecord]:
@@ -202,20 +210,13 @@ def _with_atp_beta(model, calibration, config):
     return dataclasses.replace(config, baselines=dataclasses.replace(config.baselines, atp_beta=beta)), search
 
 
-def _prune_block(step: BlockStep, pruner: Pruner, allocation: Allocation, config: PruneConfig) -> None:
-    stats = {}
-    if pruner.needs_calibration:
-        stats = record_input_stats(step, pruner.needs_norms, pruner.needs_hessian)
-    for ref in step.linears:
-        _prune_linear(ref, stats.get(ref.name), step.index, pruner, allocation, config)
-
-
 def _steps_without_data(model, config, device) -> Iterator[BlockStep]:
     """Blocks one at a time, onloaded, for pruners that need no calibration (nothing is run)."""
     from tqdm.auto import tqdm
 
     blocks = decoder_blocks(model)
-    for index, block in enumerate(tqdm(blocks, desc=f"{config.method} pruning", unit="block", leave=False)):
+    for index, block in enumerate(tqdm(blocks, desc=f"{config.method} pruning", unit="block", leave=False,
+                                             disable=not distributed.is_main())):
         with onload(block, device) as onloaded, torch.no_grad():
             yield BlockStep(index, onloaded, "", None, device, find_linears(onloaded))
 

@@ -42,24 +42,47 @@ class Activations:
     hidden: list[torch.Tensor]  # each [B, T, D]
     calls: dict[str, list[BlockCall]]  # layer type -> per micro-batch
     store: torch.device  # where hidden states live between blocks
+    starts: list[int] = field(default_factory=list)  # global index of each micro-batch's first window
+    total_windows: int = 0  # windows of the whole calibration (all processes), within head()
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.starts:  # one process, micro-batches in order
+            self.starts = [sum(h.shape[0] for h in self.hidden[:j]) for j in range(len(self.hidden))]
+            self.total_windows = sum(h.shape[0] for h in self.hidden)
+            self.batch_size = max((h.shape[0] for h in self.hidden), default=1)
 
     @property
     def tokens(self) -> int:
+        """Tokens held by this process."""
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
+    @property
+    def seq_len(self) -> int:
+        return self.hidden[0].shape[1]
+
+    @property
+    def total_tokens(self) -> int:
+        """Tokens of the whole calibration, over all processes."""
+        return self.total_windows * self.seq_len
+
+    def token_offset(self, j: int) -> int:
+        """Global index of the first token of micro-batch ``j``."""
+        return self.starts[j] * self.seq_len
+
     def with_hidden(self, hidden: list[torch.Tensor]) -> "Activations":
-        return Activations(hidden, self.calls, self.store)
+        return Activations(hidden, self.calls, self.store, self.starts, self.total_windows, self.batch_size)
 
     def head(self, windows: Optional[int]) -> "Activations":
-        """The first micro-batches covering at least ``windows`` calibration windows (None: all)."""
+        """The first micro-batches (globally) covering at least ``windows`` calibration windows
+        (None: all); under data parallelism, this process's share of them."""
         if windows is None:
             return self
-        count, taken = 0, 0
-        while taken < len(self.hidden) and count < windows:
-            count += self.hidden[taken].shape[0]
-            taken += 1
+        kept_batches = -(-min(windows, self.total_windows) // self.batch_size)
+        total = min(self.total_windows, kept_batches * self.batch_size)
+        taken = sum(1 for start in self.starts if start < total)
         calls = {kind: per_batch[:taken] for kind, per_batch in self.calls.items()}
-        return Activations(self.hidden[:taken], calls, self.store)
+        return Activations(self.hidden[:taken], calls, self.store, self.starts[:taken], total, self.batch_size)
 
 
 def _split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
@@ -105,26 +128,31 @@ def capture_block_inputs(
     device: torch.device,
     batch_size: int = 1,
     offload: str = "device",
+    starts: Optional[list[int]] = None,
 ) -> Activations:
-    """Run ``calibration [N, T]`` up to block 0 and record its inputs and kwargs per micro-batch."""
+    """Run ``calibration [N, T]`` up to block 0 and record its inputs and kwargs per micro-batch.
+    ``starts``: the first window of each micro-batch to run (default all; a data-parallel process
+    passes its share)."""
     blocks = decoder_blocks(model)
     types = layer_types(model, len(blocks))
     store = torch.device("cpu") if offload == "cpu" else device
+    starts = list(range(0, calibration.shape[0], batch_size)) if starts is None else starts
     hidden: list[torch.Tensor] = []
     calls: dict[str, list[BlockCall]] = {types[0]: []}
     with inference_mode(model), onload_except(model, blocks, device):
-        for start in range(0, calibration.shape[0], batch_size):
+        for start in starts:
             ids = calibration[start : start + batch_size].to(device)
             h, call = _run_until(model, blocks[0], ids)
             hidden.append(h.to(store))
             calls[types[0]].append(call)
         for kind in dict.fromkeys(types[1:]):
             if kind not in calls:
-                calls[kind] = _capture_other_type(model, blocks, types.index(kind), calibration, device, batch_size)
-    return Activations(hidden, calls, store)
+                calls[kind] = _capture_other_type(model, blocks, types.index(kind), calibration, device, batch_size,
+                                                  starts)
+    return Activations(hidden, calls, store, starts, int(calibration.shape[0]), batch_size)
 
 
-def _capture_other_type(model, blocks, first, calibration, device, batch_size) -> list[BlockCall]:
+def _capture_other_type(model, blocks, first, calibration, device, batch_size, starts) -> list[BlockCall]:
     """Call args of another layer type (e.g. sliding-window masks): they depend on shapes only,
     so run each distinct micro-batch shape once through blocks 0..first-1 and reuse them."""
     by_shape: dict[tuple, BlockCall] = {}
@@ -132,7 +160,7 @@ def _capture_other_type(model, blocks, first, calibration, device, batch_size) -
     with contextlib.ExitStack() as stack:
         for block in blocks[:first]:
             stack.enter_context(onload(block, device))
-        for start in range(0, calibration.shape[0], batch_size):
+        for start in starts:
             ids = calibration[start : start + batch_size]
             if tuple(ids.shape) not in by_shape:
                 by_shape[tuple(ids.shape)] = _run_until(model, blocks[first], ids.to(device))[1]
@@ -195,7 +223,7 @@ def stream_blocks(
     blocks = decoder_blocks(model)
     types = layer_types(model, len(blocks))
     with inference_mode(model):
-        for index in tqdm(range(len(blocks)), desc=desc, unit="block", leave=False):
+        for index in tqdm(range(len(blocks)), desc=desc, unit="block", leave=False, disable=_quiet()):
             with onload(blocks[index], device) as block:
                 step = BlockStep(index, block, types[index], inputs, device, find_linears(block), consume or index > 0)
                 yield step
@@ -204,6 +232,13 @@ def stream_blocks(
                     outputs = step.run()
             inputs = inputs.with_hidden(outputs)
             _check_finite(outputs, index)
+
+
+def _quiet() -> bool:
+    """Progress bars come from one process only (rank 0 under torchrun)."""
+    from .distributed import is_main
+
+    return not is_main()
 
 
 def _check_finite(outputs: list[torch.Tensor], index: int) -> None:
@@ -239,7 +274,11 @@ def record_input_stats(step: BlockStep, norms: bool, hessian: bool) -> dict[str,
 
     step.run({ref.name: make(ref) for ref in step.linears}, keep_outputs=False)
     held.clear()
-    for name, first in owner.items():
-        if first == name:
-            stats[name].check_finite(f"block {step.index} {name}")
+    from . import distributed
+
+    for ref in step.linears:  # the same order in every process
+        if owner.get(ref.name) == ref.name:
+            if distributed.world_size() > 1:
+                stats[ref.name].reduce_(distributed.all_reduce_)
+            stats[ref.name].check_finite(f"block {step.index} {ref.name}")
     return {name: stats[first] for name, first in owner.items()}

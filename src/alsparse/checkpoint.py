@@ -114,6 +114,7 @@ class BlockCheckpoints:
     def __init__(self, directory: str | os.PathLike) -> None:
         self.dir = Path(directory)
         self.manifest: dict[str, Any] = {}
+        self.writer = True  # False in data-parallel processes other than rank 0: they only read
 
     def _block(self, index: int, suffix: str) -> Path:
         return self.dir / f"block-{index:05d}.{suffix}"
@@ -160,12 +161,16 @@ class BlockCheckpoints:
         _write_atomic(self.dir / MANIFEST, json.dumps(self.manifest, indent=1, default=str).encode())
 
     def save_allocation(self, state: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         self.manifest["allocation"] = state
         self._write_manifest()
 
     def save_block(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save
 
+        if not self.writer:
+            return
         data = save({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, metadata={"format": "pt"})
         weights = self._block(index, "safetensors")
         _write_atomic(weights, data)
@@ -186,6 +191,13 @@ class BlockCheckpoints:
         except Exception as exc:  # noqa: BLE001 - any unreadable file is redone, not fatal
             log.warning("checkpoint of block %d (%s) is unreadable (%s); pruning it again", index, weights, exc)
             return None
+
+    def intact_prefix(self, num_blocks: int) -> int:
+        """How many blocks 0..k-1 have intact checkpoints (damaged ones are logged)."""
+        for index in range(num_blocks):
+            if self.load_block(index) is None:
+                return index
+        return num_blocks
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

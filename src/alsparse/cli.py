@@ -170,9 +170,8 @@ def _cmd_eval(args) -> int:
     import torch
 
     from .eval import evaluate, format_results
-    from .sources import load_model
-
     from .models import streamed
+    from .sources import load_model
 
     cfg = _eval_config(args, "")
     device = _resolve_device(args.device)
@@ -204,6 +203,27 @@ def write_json_atomic(path: Path, data) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _join_process_group(device: str, args) -> tuple[str, bool]:
+    """Under torchrun: join the process group; other ranks stay quiet. Returns (device, is rank 0)."""
+    from . import distributed
+
+    if not distributed.launched():
+        return device, True
+    if args.eval:
+        raise UsageError("--eval is not available with several processes; evaluate the saved model with "
+                         "'alsparse eval OUT'")
+    device = distributed.init_from_env(device)
+    if not distributed.is_main():  # progress bars and info logs come from rank 0 only
+        logging.getLogger("alsparse").setLevel(logging.WARNING)
+    return device, distributed.is_main()
+
+
+def _leave_process_group() -> None:
+    from . import distributed
+
+    distributed.shutdown()
 
 
 def torch_device(name: str):
@@ -246,11 +266,10 @@ def _resolve_device(requested: Optional[str]) -> str:
 
 def _cmd_prune(args) -> int:
     from .api import prune_
+    from .checkpoint import MANIFEST, BlockCheckpoints
     from .config import PruneConfig
     from .io import save
     from .sources import load_model
-
-    from .checkpoint import MANIFEST, BlockCheckpoints
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -266,6 +285,7 @@ def _cmd_prune(args) -> int:
         raise UsageError("--from-disk writes each pruned block to the checkpoints; it cannot be used with "
                          "--no-checkpoint")
     device = _resolve_device(args.device)
+    device, main_process = _join_process_group(device, args)
     config = PruneConfig(
         method=args.method,
         sparsity=args.sparsity,
@@ -298,6 +318,9 @@ def _cmd_prune(args) -> int:
         pruned = _evaluate_on(model, tokenizer, eval_cfg, device, "pruned")
         summary["eval"] = {"dense": dense, "pruned": pruned}
         extra["alsparse_eval.json"] = json.dumps(summary["eval"], indent=2, default=str).encode()
+    _leave_process_group()  # every collective is done
+    if not main_process:  # data-parallel: rank 0 writes the model and prints the summary
+        return 0
     save(model, tokenizer, report, out, overwrite=args.overwrite, extra_files=extra, checkpoints=ckpt)
     if ckpt is not None:
         ckpt.remove()  # the saved model supersedes them
@@ -315,7 +338,6 @@ def _cmd_prune(args) -> int:
 
 def _evaluate_on(model, tokenizer, cfg, device, label):
     from .eval import evaluate
-
     from .lazy import is_lazy
     from .models import streamed
 

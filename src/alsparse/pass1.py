@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .allocation.owl import outlier_ratio
+from . import distributed
 from .capture import Activations, stream_blocks
 from .config import PruneConfig
 from .pruning import InputStats
@@ -49,7 +50,8 @@ def collect(model, acts: Activations, device, config: PruneConfig, needs: frozen
     level = _level(config)
     if needs == frozenset({"features"}):
         acts = acts.head(als.windows)  # RM needs few sequences; Wanda statistics use them all
-    token_index = select_tokens(acts.tokens, als.tokens, config.seed) if "features" in needs else None
+    token_index = select_tokens(acts.total_tokens, als.tokens, config.seed) if "features" in needs else None
+    parallel = distributed.world_size() > 1
     block_summaries: list[FeatureSummary] = []
     linear_summaries: list[FeatureSummary] = []  # joint: every linear of every block
     component_psis: list[torch.Tensor] = []  # two-stage: one [K, K] per block
@@ -58,17 +60,27 @@ def collect(model, acts: Activations, device, config: PruneConfig, needs: frozen
         hooks, per_linear, stats = {}, {}, {}
         if "features" in needs and level in ("component", "joint"):
             per_linear = {ref.name: FeatureSummary(token_index, als.normalize) for ref in step.linears}
-            hooks.update(_feature_hooks(per_linear, als.feature_for("linear")))
+            hooks.update(_feature_hooks(per_linear, als.feature_for("linear"), acts))
         if "wanda" in needs:
             stats = {ref.name: InputStats(ref.in_features, device, norms=True, hessian=False) for ref in step.linears}
             for name, s in stats.items():
                 hooks[name] = _chain(hooks.get(name), lambda x, y, s=s: s.update(x))
         block_features = "features" in needs and level in ("block", "component")
         if block_features and als.feature_for("block") == "input":  # before the run may overwrite them
-            block_summaries.append(_summarise(step.inputs.hidden, token_index, als.normalize))
+            block_summaries.append(_summarise(step.inputs.hidden, token_index, als.normalize, acts))
         step.outputs = step.run(hooks)
         if block_features and als.feature_for("block") == "output":
-            block_summaries.append(_summarise(step.outputs, token_index, als.normalize))
+            block_summaries.append(_summarise(step.outputs, token_index, als.normalize, acts))
+        if parallel:  # every process holds its own rows / sums: add them up, in a fixed order
+            if block_features:
+                block_summaries[-1].reduce_(distributed.all_reduce_)
+            for ref in step.linears:
+                if ref.name in per_linear:
+                    per_linear[ref.name].reduce_(distributed.all_reduce_)
+                if ref.name in stats:
+                    stats[ref.name].reduce_(distributed.all_reduce_)
+        if block_features:
+            block_summaries[-1].finalize()
         if per_linear:
             finished = [per_linear[ref.name] for ref in step.linears]
             for summary in finished:
@@ -90,21 +102,20 @@ def collect(model, acts: Activations, device, config: PruneConfig, needs: frozen
         if linear_summaries:
             data["linear_psi"] = redundancy_matrix(linear_summaries)
         data["rm_tokens"] = int(token_index.numel())
-        data["rm_windows"] = sum(h.shape[0] for h in acts.hidden)
+        data["rm_windows"] = acts.total_windows
     if "wanda" in needs:
         data["lod"] = torch.tensor(lod, dtype=torch.float64)
         data["mean_scores"] = torch.tensor(mean_scores, dtype=torch.float64)
     return data
 
 
-def _feature_hooks(summaries: dict[str, FeatureSummary], side: str):
-    offsets = {name: 0 for name in summaries}
+def _feature_hooks(summaries: dict[str, FeatureSummary], side: str, acts: Activations):
+    calls = {name: 0 for name in summaries}
 
     def make(name):
-        def hook(x, y):
-            feats = x if side == "input" else y
-            summaries[name].update(feats, offsets[name])
-            offsets[name] += feats.numel() // feats.shape[-1]  # [B, T, D] or [B*T, D] (OPT)
+        def hook(x, y):  # called once per micro-batch, in order; [B, T, D] or [B*T, D] (OPT)
+            summaries[name].update(x if side == "input" else y, acts.token_offset(calls[name]))
+            calls[name] += 1
 
         return hook
 
@@ -122,11 +133,9 @@ def _chain(first, second):
     return both
 
 
-def _summarise(hidden: list[torch.Tensor], token_index, normalize: str) -> FeatureSummary:
+def _summarise(hidden: list[torch.Tensor], token_index, normalize: str, acts: Activations) -> FeatureSummary:
+    """The kept rows of a block's hidden states (not yet finalized: processes may add theirs)."""
     summary = FeatureSummary(token_index, normalize)
-    offset = 0
-    for h in hidden:  # [B, T, D] per micro-batch
-        summary.update(h, offset)
-        offset += h.shape[0] * h.shape[1]
-    summary.finalize()
+    for j, h in enumerate(hidden):  # [B, T, D] per micro-batch
+        summary.update(h, acts.token_offset(j))
     return summary

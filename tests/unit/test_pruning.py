@@ -128,6 +128,25 @@ def test_pruner_contract(name, pattern, dtype):
         assert zeros.float().mean().item() <= 0.5 + 0.02
 
 
+def test_input_stats_are_independent_of_microbatch_order():
+    """float64 accumulation of float32 per-micro-batch sums: any order (or split over data-parallel
+    processes) gives the same float32 statistics, bit for bit."""
+    parts = torch.randn(6, 4, 8, 16, generator=torch.Generator().manual_seed(0)) * torch.logspace(-2, 2, 6).view(
+        6, 1, 1, 1)
+    forward, backward = (InputStats(16, "cpu", norms=True, hessian=True) for _ in range(2))
+    for p in parts:
+        forward.update(p)
+    halves = [InputStats(16, "cpu", norms=True, hessian=True) for _ in range(2)]
+    for i in reversed(range(6)):
+        backward.update(parts[i])
+        halves[i % 2].update(parts[i])
+    gathered = halves[0]
+    gathered.reduce_(lambda t, other=iter([halves[1]._sq, halves[1].xtx, torch.tensor([96.0], dtype=torch.float64)]): t.add_(next(other)))
+    for stats in (backward, gathered):
+        assert stats.tokens == forward.tokens == 192
+        assert torch.equal(stats.sq_norms, forward.sq_norms) and torch.equal(stats.hessian, forward.hessian)
+
+
 def test_input_stats_accumulate_in_fp32_across_microbatches():
     x = torch.randn(3, 5, 8, dtype=torch.bfloat16)
     one = InputStats(8, "cpu", norms=True, hessian=True)

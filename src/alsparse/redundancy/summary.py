@@ -119,6 +119,20 @@ class FeatureSummary:
         self._rows[start:stop] = flat.index_select(0, local).to(self._rows.device, torch.float32)
         self._filled[start:stop] = True
 
+    def reduce_(self, op) -> None:
+        """Combine the rows kept by several data-parallel processes with a sum collective ``op``:
+        each row was filled by exactly one process (the others hold zeros), so the sum is exact."""
+        if self.finalized:
+            raise ValueError("FeatureSummary.reduce_ called after finalize")
+        if self._rows is None:
+            raise ValueError("FeatureSummary.reduce_ called before any update (its width is unknown)")
+        filled = self._filled.to(self._rows.device, torch.int32)  # NCCL reduces device tensors only
+        op(self._rows)
+        op(filled)
+        if bool((filled > 1).any()):
+            raise ValueError("the same token rows were kept by several processes (overlapping calibration shards)")
+        self._filled = filled.cpu().bool()
+
     def finalize(self) -> torch.Tensor:
         """Normalise the kept rows and store rows ``[m, D]`` or the Gram ``[m, m]``; idempotent."""
         if self.finalized:

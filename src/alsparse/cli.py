@@ -167,6 +167,10 @@ def _cmd_ls(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    if args.from_disk:
+        from .memory import lean_allocator
+
+        lean_allocator()
     import torch
 
     from .eval import evaluate, format_results
@@ -265,6 +269,10 @@ def _resolve_device(requested: Optional[str]) -> str:
 
 
 def _cmd_prune(args) -> int:
+    if args.from_disk:
+        from .memory import lean_allocator
+
+        lean_allocator()  # before torch and transformers allocate: see alsparse.memory
     from .api import prune_
     from .checkpoint import MANIFEST, BlockCheckpoints
     from .config import PruneConfig

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .memory import lean_allocator, release_freed_memory
 from .models import BLOCK_PATHS, LAZY_ATTR, decoder_blocks, family
 
 log = logging.getLogger(__name__)
@@ -126,24 +127,7 @@ class LazyBlock:
         release_freed_memory()
 
 
-def release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and a stream of
-    block-sized tensors would grow the resident set block after block). A no-op elsewhere."""
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
 
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim  # noqa: B018 - probe: absent outside glibc
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
 
 
 def lazy_block(module: nn.Module) -> LazyBlock | None:
@@ -159,6 +143,7 @@ def load_lazy(directory: str | os.PathLike, dtype: torch.dtype, trust_remote_cod
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    lean_allocator()
     config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
     source = SafetensorsSource(directory, dtype)
     with init_empty_weights(include_buffers=False):

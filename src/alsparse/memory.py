@@ -1,0 +1,37 @@
+"""glibc allocator settings for the memory-lean (streaming from disk) path. Imports nothing heavy,
+so the CLI can apply them before torch and transformers allocate anything."""
+
+from __future__ import annotations
+
+_LIBC = None  # the C library once probed (False: not glibc)
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim, _LIBC.mallopt  # noqa: B018 - probe: absent outside glibc
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and a stream of
+    block-sized tensors would grow the resident set block after block). A no-op elsewhere."""
+    if _libc():
+        _LIBC.malloc_trim(0)
+
+
+def lean_allocator(threshold: int = 16 << 20) -> None:
+    """Make glibc return freed memory promptly: a fixed mmap threshold (by default glibc raises it
+    up to 32 MiB as big blocks are freed, then serves activation-sized tensors from a heap that
+    fragments) and a trim threshold of the same size. Measured on SmolLM2 Wanda 32 x 1024,
+    micro-batch 1: peak RSS 0.87 -> 0.73 GiB, time unchanged within noise (docs/PERFORMANCE.md)."""
+    if _libc():
+        _LIBC.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+        _LIBC.mallopt(-1, threshold)  # M_TRIM_THRESHOLD

@@ -680,7 +680,7 @@ def _reset_peak_memory(device: str) -> None:
 
 
 def _peak_rss_gib() -> float:
-    import resource
+    from .report import peak_rss_gib
 
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+    return peak_rss_gib()
 

@@ -38,10 +38,7 @@ class SafetensorsSource:
         if (self.dir / INDEX).is_file():
             self.files = dict(json.loads((self.dir / INDEX).read_text())["weight_map"])
         elif (self.dir / SINGLE).is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(self.dir / SINGLE), "pt") as f:
-                self.files = {name: SINGLE for name in f.keys()}
+            self.files = {name: SINGLE for name in _header(self.dir / SINGLE)[0]}
         else:
             raise ValueError(f"{self.dir} has no safetensors weights ({INDEX} or {SINGLE}); streaming from disk "
                              f"needs them (save the model with safe_serialization=True)")
@@ -67,17 +64,11 @@ class SafetensorsSource:
 
     def nbytes(self, file: Path) -> dict[str, int]:
         """Bytes of each tensor in a safetensors file, from its header alone."""
-        import struct
-
-        with open(file, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-        return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+        return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in _header(file)[0].items()}
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors, cast to the compute dtype; each shard is opened once and closed."""
-        from safetensors import safe_open
-
+        """The named tensors, cast to the compute dtype. Read with plain file reads into fresh
+        tensors (no memory map of the shard), so the process's memory is what it holds."""
         missing = [n for n in names if n not in self.files]
         if missing:
             raise ValueError(f"{self.dir}: tensors missing from the safetensors files: {', '.join(missing[:5])}")
@@ -86,10 +77,46 @@ class SafetensorsSource:
             by_file.setdefault(self.files[name], []).append(name)
         out = {}
         for file, keys in by_file.items():
-            with safe_open(str(self.dir / file), "pt") as f:
+            path = self.dir / file
+            header, base = _header(path)
+            with open(path, "rb") as f:
                 for key in keys:
-                    out[key] = f.get_tensor(key).to(self.dtype)
+                    out[key] = _read_tensor(f, header[key], base, path, key).to(self.dtype)
         return out
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name -> dtype, shape, byte offsets) and where the data starts."""
+    import struct
+
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def _read_tensor(f, entry: dict, base: int, path: Path, key: str) -> torch.Tensor:
+    dtype = _DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise ValueError(f"{path}: tensor {key} has dtype {entry['dtype']}, which streaming from disk does not read")
+    start, end = entry["data_offsets"]
+    tensor = torch.empty(entry["shape"], dtype=dtype)
+    buffer = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else None
+    if end - start != (0 if buffer is None else buffer.nbytes):
+        raise ValueError(f"{path}: tensor {key} holds {end - start} bytes, not shape {entry['shape']} {entry['dtype']}")
+    if buffer is not None:
+        f.seek(base + start)
+        if f.readinto(memoryview(buffer)) != buffer.nbytes:
+            raise ValueError(f"{path}: tensor {key} is cut short (truncated file?)")
+    return tensor
 
 
 def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:

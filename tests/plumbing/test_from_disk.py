@@ -140,3 +140,31 @@ def test_cli_eval_from_disk_matches_in_memory(tiny_model_dir, tmp_path, capsys):
     assert main(["eval", model, "--from-disk", "--json", str(tmp_path / "b.json"), *corpus]) == 0
     a, b = (json.loads((tmp_path / n).read_text())["token_ppl"] for n in ("a.json", "b.json"))
     assert a == b and next(iter(a.values()))["ppl"] > 1
+
+
+def test_reads_bf16_shards_into_the_compute_dtype(tmp_path):
+    path = tmp_path / "bf16"
+    make_tiny("llama").to(torch.bfloat16).save_pretrained(path)
+    expected = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    lazy = load_lazy(path, torch.float32)
+    with torch.no_grad(), streamed(lazy, torch.device("cpu")):
+        got = lazy(IDS).logits
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected(IDS).logits, rtol=0, atol=0)
+
+
+def test_a_shard_cut_short_is_named_when_read(tmp_path):
+    from alsparse.lazy import _header
+
+    source = _source(tmp_path, "llama")
+    lazy = load_lazy(source, torch.float32)
+    shards = sorted(set(json.loads((source / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    for name in shards:  # a shard whose last tensor is a block's: cutting it breaks that block
+        header = _header(source / name)[0]
+        last = max(header, key=lambda k: header[k]["data_offsets"][1])
+        if ".layers." in last:
+            break
+    shard = source / name
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with pytest.raises(ValueError, match=rf"{name}: tensor {last} is cut short"), streamed(lazy, torch.device("cpu")):
+        lazy(IDS)

@@ -1,5 +1,6 @@
-"""The real SmolLM2-135M streamed from disk (peak memory measured in a subprocess) and pruned by
-two data-parallel processes under torchrun: same result as the in-memory, single-process run."""
+"""The real SmolLM2-135M streamed from disk (under a 1 GiB memory cap that the in-memory path
+fails, peak memory measured in a subprocess) and pruned by two data-parallel processes under
+torchrun: same result as the in-memory, single-process run."""
 
 from __future__ import annotations
 
@@ -30,10 +31,21 @@ def _args(model_dir, out, *extra):
             "--batch-size", "2", "--method", "wanda", "--sparsity", "0.5", "--out", str(out), *extra]
 
 
-def _measured(tmp_path, name, args):
+CAP_GIB = 1.0  # RLIMIT_DATA: the process's private writable memory (heap and anonymous maps)
+
+
+def _capped():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_DATA, (int(CAP_GIB * 2**30), int(CAP_GIB * 2**30)))
+
+
+def _measured(tmp_path, name, args, cap=False):
     record = tmp_path / f"{name}.json"
     proc = subprocess.run([sys.executable, "-c", _MEASURED, str(record), *args], capture_output=True, text=True,
-                          timeout=900)
+                          timeout=900, preexec_fn=_capped if cap else None)
+    if not record.is_file():
+        return None  # killed by the cap
     result = json.loads(record.read_text())
     assert result["code"] == 0, proc.stderr[-3000:]
     return result["peak_rss_gib"]
@@ -49,8 +61,12 @@ def _weights(directory):
 def test_smollm2_from_disk_is_identical_in_far_less_memory(real_model_dir, tmp_path):
     fp32_gib = sum(t.numel() * 4 for t in _weights(real_model_dir).values()) / 2**30  # 0.50 GiB
     in_ram = _measured(tmp_path, "ram", _args(real_model_dir, tmp_path / "ram"))
-    from_disk = _measured(tmp_path, "disk", _args(real_model_dir, tmp_path / "disk", "--from-disk"))
-    print(f"peak RSS: in memory {in_ram:.3f} GiB, from disk {from_disk:.3f} GiB (fp32 weights {fp32_gib:.3f} GiB)")
+    from_disk = _measured(tmp_path, "disk", _args(real_model_dir, tmp_path / "disk", "--from-disk"), cap=True)
+    print(f"peak RSS: in memory {in_ram:.3f} GiB, from disk {from_disk:.3f} GiB under a {CAP_GIB} GiB data cap "
+          f"(fp32 weights {fp32_gib:.3f} GiB)")
+    capped = subprocess.run([sys.executable, "-m", "alsparse", *_args(real_model_dir, tmp_path / "ram-capped")],
+                            capture_output=True, text=True, timeout=900, preexec_fn=_capped)
+    assert capped.returncode != 0 and not (tmp_path / "ram-capped").exists(), "the cap is one the in-memory path fails"
     # measured on the 2-core CI machine: in memory ~1.08 GiB, from disk ~0.64 GiB, of which ~0.57 GiB is
     # python + torch + transformers + tokenizer + calibration text before any block is read
     assert from_disk < in_ram - 0.6 * fp32_gib, "streaming must save most of the weights' memory"

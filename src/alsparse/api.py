@@ -162,11 +162,11 @@ def _prune_blocks(model, acts, pruner, allocation, config, device, checkpoint, i
     return records
 
 
-def _restore(step: BlockStep, tensors: Optional[dict[str, torch.Tensor]], names: dict[str, str]) -> None:
+def _restore(step: BlockStep, tensors: dict[str, torch.Tensor], names: dict[str, str]) -> None:
     """Copy a checkpointed block (all its parameters, by full name) into the onloaded block."""
     params = dict(step.block.named_parameters())
-    if tensors is None or set(tensors) != set(names.values()):
-        raise RuntimeError(f"checkpoint of block {step.index} vanished or changed while resuming")
+    if set(tensors) != set(names.values()):
+        raise RuntimeError(f"the checkpoint of block {step.index} does not hold this model's parameters")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[names[name]])

@@ -176,28 +176,27 @@ class BlockCheckpoints:
         _write_atomic(weights, data)
         _write_atomic(self._block(index, "sha256"), hashlib.sha256(data).hexdigest().encode())
 
-    def load_block(self, index: int) -> Optional[dict[str, torch.Tensor]]:
-        """The saved tensors of block ``index``, or None when absent or damaged (then logged)."""
-        from safetensors.torch import load_file
-
+    def _intact(self, index: int) -> bool:
         weights, digest = self._block(index, "safetensors"), self._block(index, "sha256")
         if not weights.is_file() or not digest.is_file():
-            return None
+            return False
         if _sha256(weights) != digest.read_text().strip():
             log.warning("checkpoint of block %d (%s) is damaged (SHA-256 mismatch); pruning it again", index, weights)
-            return None
-        try:
-            return load_file(str(weights))
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is redone, not fatal
-            log.warning("checkpoint of block %d (%s) is unreadable (%s); pruning it again", index, weights, exc)
-            return None
+            return False
+        return True
 
     def intact_prefix(self, num_blocks: int) -> int:
-        """How many blocks 0..k-1 have intact checkpoints (damaged ones are logged)."""
+        """How many blocks 0..k-1 have intact checkpoints (hash verified; damaged ones are logged)."""
         for index in range(num_blocks):
-            if self.load_block(index) is None:
+            if not self._intact(index):
                 return index
         return num_blocks
+
+    def load_block(self, index: int) -> dict[str, torch.Tensor]:
+        """The saved tensors of block ``index``, one :meth:`intact_prefix` has verified."""
+        from safetensors.torch import load_file
+
+        return load_file(str(self._block(index, "safetensors")))
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -167,10 +167,6 @@ def _cmd_ls(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    if args.from_disk:
-        from .memory import lean_allocator
-
-        lean_allocator()
     import torch
 
     from .eval import evaluate, format_results
@@ -230,12 +226,6 @@ def _leave_process_group() -> None:
     distributed.shutdown()
 
 
-def torch_device(name: str):
-    import torch
-
-    return torch.device(name)
-
-
 def checkpoint_dir(out: Path) -> Path:
     """Where a prune writing to ``out`` keeps its per-block checkpoints."""
     return out.with_name(out.name + ".alsparse-ckpt")
@@ -269,10 +259,6 @@ def _resolve_device(requested: Optional[str]) -> str:
 
 
 def _cmd_prune(args) -> int:
-    if args.from_disk:
-        from .memory import lean_allocator
-
-        lean_allocator()  # before torch and transformers allocate: see alsparse.memory
     from .api import prune_
     from .checkpoint import MANIFEST, BlockCheckpoints
     from .config import PruneConfig
@@ -351,7 +337,9 @@ def _evaluate_on(model, tokenizer, cfg, device, label):
 
     logging.getLogger("alsparse").info("evaluating the %s model", label)
     if is_lazy(model):
-        with streamed(model, torch_device(device)):
+        import torch
+
+        with streamed(model, torch.device(device)):
             return evaluate(model, tokenizer, cfg)
     home = next(model.parameters()).device
     model.to(device)
@@ -419,6 +407,10 @@ def format_report(report) -> str:
 
 
 COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "ls": _cmd_ls, **sweep_cli.COMMANDS}
+INTERRUPTED = {  # what is safe after Ctrl-C, per command
+    "prune": "nothing was written to the output directory; rerun with --resume to continue from the checkpoints",
+    "sweep": "finished cells are in the results file; rerun to continue",
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -438,8 +430,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"alsparse {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("alsparse: interrupted; nothing was written to the output directory (rerun a prune with --resume "
-              "to continue from its checkpoints)", file=sys.stderr)
+        print(f"alsparse {args.command}: interrupted; {INTERRUPTED.get(args.command, 'nothing was written')}",
+              file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence prints, then fails
         logging.getLogger("alsparse").debug("failure", exc_info=True)

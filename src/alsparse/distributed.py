@@ -77,25 +77,10 @@ def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_min(value: int) -> int:
-    d = _dist()
-    if not d:
-        return value
-    t = torch.tensor([value], dtype=torch.int64)
-    d.all_reduce(t, op=d.ReduceOp.MIN)
-    return int(t.item())
-
-
 def broadcast_(tensor: torch.Tensor, src: int) -> None:
     d = _dist()
     if d:
         d.broadcast(tensor, src=src)
-
-
-def barrier() -> None:
-    d = _dist()
-    if d:
-        d.barrier()
 
 
 def on_main(fn: Callable[[], T]) -> T:

@@ -1,5 +1,5 @@
-"""glibc allocator settings for the memory-lean (streaming from disk) path. Imports nothing heavy,
-so the CLI can apply them before torch and transformers allocate anything."""
+"""glibc allocator settings for the memory-lean (streaming from disk) path, applied when a model
+is loaded lazily (:func:`alsparse.lazy.load_lazy`)."""
 
 from __future__ import annotations
 

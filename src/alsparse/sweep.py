@@ -547,7 +547,9 @@ class _Runner:
         start = time.perf_counter()
         record = self._dense(cell) if cell.kind == "dense" else self._pruned(cell)
         record["wall_s"] = time.perf_counter() - start
-        record["peak_rss_cell_gib"] = _peak_rss_gib()
+        from .report import peak_rss_gib
+
+        record["peak_rss_cell_gib"] = peak_rss_gib()
         record["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         gc.collect()
         return record
@@ -677,10 +679,3 @@ def _reset_peak_memory(device: str) -> None:
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.empty_cache()
-
-
-def _peak_rss_gib() -> float:
-    from .report import peak_rss_gib
-
-    return peak_rss_gib()
-

@@ -1,16 +1,11 @@
 """The `sweep` and `report` subcommands. `alsparse.cli` adds them with `add_parsers(sub)` and
-`COMMANDS.update(sweep_cli.COMMANDS)`; like every command they print results on stdout, logs go to
-stderr, and a ValueError (bad input) becomes exit 2 in `cli.main`.
-
-`python -m alsparse.sweep_cli sweep|report ...` runs them standalone, with the same exit codes."""
+its COMMANDS; like every command they print results on stdout, logs go to stderr, and a
+ValueError (bad input) becomes exit 2 in `cli.main`."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -63,34 +58,3 @@ def _cmd_report(args) -> int:
 
 
 COMMANDS = {"sweep": _cmd_sweep, "report": _cmd_report}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point with `alsparse.cli.main`'s exit codes (0 ok, 2 bad input, 1 failure)."""
-    from .cli import EXIT_FAILURE, EXIT_USAGE
-
-    parser = argparse.ArgumentParser(prog="alsparse", description="sweeps and their reports")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        return COMMANDS[args.command](args)
-    except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as exc:
-        print(f"alsparse {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"alsparse {args.command}: interrupted; finished cells are in the results file", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        logging.getLogger("alsparse").debug("failure", exc_info=True)
-        print(f"alsparse {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from alsparse import cli, sweep
-from alsparse.sweep_cli import main
+from alsparse.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

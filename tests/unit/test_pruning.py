@@ -140,8 +140,8 @@ def test_input_stats_are_independent_of_microbatch_order():
     for i in reversed(range(6)):
         backward.update(parts[i])
         halves[i % 2].update(parts[i])
-    gathered = halves[0]
-    gathered.reduce_(lambda t, other=iter([halves[1]._sq, halves[1].xtx, torch.tensor([96.0], dtype=torch.float64)]): t.add_(next(other)))
+    gathered, other = halves[0], iter([halves[1]._sq, halves[1].xtx, torch.tensor([96.0], dtype=torch.float64)])
+    gathered.reduce_(lambda t: t.add_(next(other)))  # an all-reduce over two processes, by hand
     for stats in (backward, gathered):
         assert stats.tokens == forward.tokens == 192
         assert torch.equal(stats.sq_norms, forward.sq_norms) and torch.equal(stats.hessian, forward.hessian)

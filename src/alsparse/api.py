@@ -14,6 +14,8 @@ from .capture import BlockStep, capture_block_inputs, record_input_stats, stream
 from .checkpoint import BlockCheckpoints, run_fingerprint
 from .config import PruneConfig
 from .data.calibration import fingerprint
+from .lazy import release_resident, restore_resident
+from .memory import release_freed_memory
 from .models import decoder_blocks, find_linears, model_device, onload
 from .pass1 import cache_key as pass1_key
 from .pass1 import collect as collect_pass1
@@ -57,6 +59,15 @@ def prune_(
     needs = allocation_needs(config)
     _check_pattern_fits(model, config)
     _check_lazy(model, config, checkpoint)
+    try:
+        return _prune(model, calibration, config, calibration_info, pass1_cache, checkpoint, resume, on_block,
+                      pruner, device, needs)
+    finally:
+        restore_resident(model)  # a lazy model's embeddings etc., dropped after the capture
+
+
+def _prune(model, calibration, config, calibration_info, pass1_cache, checkpoint, resume, on_block, pruner, device,
+           needs) -> PruneReport:
     timer = StageTimer()
     saved, intact = None, 0
     if checkpoint is not None:
@@ -121,7 +132,11 @@ def _capture(model, calibration, device, config):
     single process)."""
     _check_calibration(calibration)
     starts = distributed.shard_starts(int(calibration.shape[0]), config.batch_size)
-    return capture_block_inputs(model, calibration, device, config.batch_size, config.offload, starts=starts)
+    release_freed_memory()  # what loading and tokenising freed, before the activations are allocated
+    acts = capture_block_inputs(model, calibration, device, config.batch_size, config.offload, starts=starts)
+    release_resident(model)  # streamed from disk: the blocks are all that pruning needs from here on
+    release_freed_memory()  # the capture forwards' temporaries
+    return acts
 
 
 def _prune_blocks(model, acts, pruner, allocation, config, device, checkpoint, intact: int, on_block):

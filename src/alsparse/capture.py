@@ -144,12 +144,33 @@ def capture_block_inputs(
             ids = calibration[start : start + batch_size].to(device)
             h, call = _run_until(model, blocks[0], ids)
             hidden.append(h.to(store))
-            calls[types[0]].append(call)
+            calls[types[0]].append(_share(call, calls[types[0]][-1] if calls[types[0]] else None))
         for kind in dict.fromkeys(types[1:]):
             if kind not in calls:
                 calls[kind] = _capture_other_type(model, blocks, types.index(kind), calibration, device, batch_size,
                                                   starts)
     return Activations(hidden, calls, store, starts, int(calibration.shape[0]), batch_size)
+
+
+def _share(call: BlockCall, previous: Optional[BlockCall]) -> BlockCall:
+    """``call`` with each tensor argument equal to the previous micro-batch's replaced by that one:
+    position embeddings, ids and masks repeat across same-shaped micro-batches, and holding one copy
+    instead of one per micro-batch saves ~0.5 MiB per 1024-token window on SmolLM2 (more on wider
+    models and with materialised masks)."""
+    if previous is None:
+        return call
+
+    def same(new, old):
+        if torch.is_tensor(new) and torch.is_tensor(old):
+            equal = new.shape == old.shape and new.dtype == old.dtype and new.device == old.device
+            return old if equal and torch.equal(new, old) else new
+        if isinstance(new, tuple) and isinstance(old, tuple) and len(new) == len(old):
+            return tuple(same(n, o) for n, o in zip(new, old))
+        return new
+
+    args = tuple(same(a, previous.args[i]) if i < len(previous.args) else a for i, a in enumerate(call.args))
+    kwargs = {k: same(v, previous.kwargs[k]) if k in previous.kwargs else v for k, v in call.kwargs.items()}
+    return BlockCall(args, kwargs)
 
 
 def _capture_other_type(model, blocks, first, calibration, device, batch_size, starts) -> list[BlockCall]:

@@ -209,3 +209,21 @@ def test_bf16_weights_with_float_statistics(calib_ids, method):
         assert rec.allocated - 0.05 <= rec.achieved <= rec.allocated + 1e-9, rec.name
     with torch.no_grad():
         assert torch.isfinite(model(calib_ids).logits.float()).all()
+
+
+def test_equal_call_arguments_are_held_once_across_micro_batches(calib_ids):
+    model = make_tiny("llama")
+    acts = capture_block_inputs(model, torch.cat([calib_ids, calib_ids[:1]]), torch.device("cpu"), batch_size=2)
+    calls = next(iter(acts.calls.values()))
+    assert len(calls) == 3  # micro-batches of 2, 2 and 1 windows
+    first, later = calls[0].kwargs, [c.kwargs for c in calls[1:]]
+    cos, sin = first["position_embeddings"]
+    for kwargs in later:  # same positions in every window: one copy, not one per micro-batch
+        assert kwargs["position_embeddings"][0] is cos and kwargs["position_embeddings"][1] is sin
+    # and a value that differs is kept as it is
+    from alsparse.capture import BlockCall, _share
+
+    other = BlockCall((), {"position_embeddings": (cos + 1, sin), "flag": True})
+    shared = _share(other, calls[0])
+    assert shared.kwargs["position_embeddings"][0] is other.kwargs["position_embeddings"][0]
+    assert shared.kwargs["position_embeddings"][1] is sin and shared.kwargs["flag"] is True

@@ -95,6 +95,39 @@ def test_from_disk_resumes_after_interruption(tmp_path):
     assert [r.mask_sha256 for r in report.linears] == [r.mask_sha256 for r in expected.linears]
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])  # untied lm_head / tied, with learned positions
+def test_non_block_weights_are_dropped_while_pruning_and_restored_after(tmp_path, family):
+    source = _source(tmp_path, family)
+    config = PruneConfig(method="wanda", sparsity=0.5)
+    in_ram = AutoModelForCausalLM.from_pretrained(source).eval()
+    prune_(in_ram, IDS, config)
+    lazy = load_lazy(source, torch.float32)
+    block_prefix = "model.layers." if family == "llama" else "model.decoder.layers."
+    resident = {n: p.clone() for n, p in lazy.named_parameters() if not n.startswith(block_prefix)}
+    seen = []
+
+    def during(index, total):
+        seen.append([n for n, p in lazy.named_parameters(remove_duplicate=False)
+                     if not n.startswith(block_prefix) and not p.is_meta])
+
+    prune_(lazy, IDS, config, checkpoint=BlockCheckpoints(tmp_path / "ck"), on_block=during)
+    assert seen and all(held == [] for held in seen), "embeddings, norm and lm_head are off while blocks stream"
+    after = dict(lazy.named_parameters())
+    for name, value in resident.items():
+        assert torch.equal(after[name], value), name
+    if lazy.config.tie_word_embeddings:
+        assert lazy.get_output_embeddings().weight is lazy.get_input_embeddings().weight, "tied again"
+
+    def stop(index, total):
+        raise KeyboardInterrupt
+
+    interrupted = load_lazy(source, torch.float32)
+    with pytest.raises(KeyboardInterrupt):
+        prune_(interrupted, IDS, config, checkpoint=BlockCheckpoints(tmp_path / "ck2"), on_block=stop)
+    assert not any(p.is_meta for n, p in interrupted.named_parameters() if not n.startswith(block_prefix)), \
+        "restored after a failure too"
+
+
 def test_from_disk_needs_checkpoints_and_a_given_atp_beta(tmp_path):
     lazy = load_lazy(_source(tmp_path, "llama"), torch.float32)
     with pytest.raises(ValueError, match="checkpoint="):

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linprog
 
 from alsparse.allocation._common import as_sizes, as_vector, check_target
 from alsparse.registry import Registry
@@ -81,6 +80,8 @@ def _closed_form(c, weights, d_lo, d_hi, budget) -> LPSolution:
 @LP_METHODS.register("highs")
 def _highs(c, weights, d_lo, d_hi, budget) -> LPSolution:
     """scipy.optimize.linprog(method="highs") on the same problem (minimises -c.d)."""
+    from scipy.optimize import linprog  # imported here: scipy costs ~40 MiB of RSS, needed only by ALS
+
     result = linprog(
         -c.numpy(),
         A_eq=weights.numpy()[None, :],

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 
 from alsparse.allocation.lp import LPSolution, check_problem
 from alsparse.registry import Registry
@@ -53,6 +52,8 @@ def _closed_form(c, weights, d_lo, d_hi, budget, lam) -> LPSolution:
 @QP_METHODS.register("slsqp")
 def _slsqp(c, weights, d_lo, d_hi, budget, lam) -> LPSolution:
     c_np, w_np, center = c.numpy(), weights.numpy(), budget
+    from scipy.optimize import minimize  # imported here: scipy costs ~40 MiB of RSS, needed only by ALS
+
     result = minimize(
         lambda d: -(c_np @ d) + lam * np.sum((d - center) ** 2),
         x0=np.clip(np.full_like(c_np, center), d_lo.numpy(), d_hi.numpy()),

@@ -486,16 +486,32 @@ def _ablation_section(records: Sequence[dict], dense: Sequence[dict]) -> list[st
     return lines
 
 
+def timed_alone(record: dict) -> bool:
+    """Whether a record's timings can be trusted: the machine was not busy with other work while
+    the cell ran (records from before this was measured count as unknown, hence not)."""
+    machine = record.get("machine")
+    return isinstance(machine, dict) and machine.get("busy") is False and not record.get("reused_from")
+
+
 def _cost_section(pruned: Sequence[dict], dense: Sequence[dict]) -> list[str]:
-    records = list(dense) + list(pruned)
-    if not records:
+    everything = list(dense) + list(pruned)
+    records = [r for r in everything if timed_alone(r)]
+    if not everything:
         return []
+    if not records:
+        return ["## Cost", "", f"No cell was timed on an otherwise idle machine ({len(everything)} cells ran beside "
+                "other work or before load was recorded), so there is no cost table.", ""]
     present = [s for s in STAGES if any(s in (r.get("timings_s") or {}) for r in records)]
     lines = ["## Cost", "",
              ("Mean wall seconds per cell and stage; pass 1 averaged over the cells that ran it (the others reused "
               "the dense statistics of an earlier cell with the same calibration); total = the whole cell (load to "
               "evaluation); peak RSS = the largest per-cell peak resident memory of the sweep process (GiB, includes "
               "what the sweep keeps between cells)."), ""]
+    left_out = len(everything) - len(records)
+    if left_out:
+        lines += [f"Only cells timed on an otherwise idle machine are counted: {left_out} of {len(everything)} cells "
+                  "ran beside other work (1-minute load average above the core count + 0.5), before load was "
+                  "recorded, or reused another cell's result; their results stand, their timings are left out.", ""]
     for model, recs in _groups(records, lambda r: r["config"]["model"]).items():
         lines += [f"### `{model}`", ""]
         groups = _groups(recs, lambda r: ("dense", "-") if r["kind"] == "dense"

@@ -91,6 +91,12 @@ class Cell:
         return {"kind": self.kind, "name": self.name, "config": self.config(), "eval": eval_id}
 
     @property
+    def work_key(self) -> str:
+        """What the cell computes, whatever table it is planned for: two cells with the same key
+        (an ablation's default value and the main grid's cell) give the same numbers."""
+        return _work_key(self.config(), self.eval)
+
+    @property
     def id(self) -> str:
         text = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -405,6 +411,21 @@ def _make_cell(where, name, model, dtype, batch_size, offload, eval_cfg, seed, c
     return Cell("pruned", model, dtype, eval_cfg, name, config, calib, als_kept, base_kept, varied)
 
 
+def _work_key(config: Mapping[str, Any], eval_cfg: Mapping[str, Any]) -> str:
+    eval_id = {k: v for k, v in eval_cfg.items() if k != "batch_size"}
+    return json.dumps({"config": config, "eval": eval_id}, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _reused(cell: Cell, record: Mapping[str, Any]) -> dict[str, Any]:
+    """A finished record of the same work, filed under ``cell`` (its id, name, label and varied
+    axes); ``reused_from`` names the record it copies, and its timings leave the cost table."""
+    out = dict(record)
+    out.update(id=cell.id, name=cell.name, label=cell.allocator_label, varied=dict(cell.varied),
+               reused_from=record.get("reused_from") or record["id"],
+               finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    return out
+
+
 # --- the results file -------------------------------------------------------------------------
 
 
@@ -501,6 +522,7 @@ def run_sweep(spec: SweepSpec, results: Path | None = None, limit_cells: int | N
     handle, records = _open_results(path)
     try:
         done = {r["id"] for r in records}
+        by_work = {_work_key(r["config"], r["eval_config"]): r for r in records if "eval_config" in r}
         todo = [c for c in spec.cells if c.id not in done]
         outcome = SweepOutcome(path, len(spec.cells), len(spec.cells) - len(todo))
         log.info("sweep: %d cells planned, %d already in %s, %d to compute", outcome.planned, outcome.already_done,
@@ -513,6 +535,11 @@ def run_sweep(spec: SweepSpec, results: Path | None = None, limit_cells: int | N
         try:
             for cell in batch:
                 bar.set_postfix_str(cell.describe(), refresh=True)
+                if cell.work_key in by_work:  # the same work under another name: copy, do not redo
+                    append_record(handle, _reused(cell, by_work[cell.work_key]))
+                    outcome.computed.append(cell.id)
+                    bar.update(1)
+                    continue
                 try:
                     record = runner.run(cell)
                 except Exception as exc:
@@ -523,6 +550,7 @@ def run_sweep(spec: SweepSpec, results: Path | None = None, limit_cells: int | N
                     outcome.failed.append(cell.id)
                 else:
                     append_record(handle, record)
+                    by_work[cell.work_key] = record
                     outcome.computed.append(cell.id)
                 bar.update(1)
         finally:
@@ -544,9 +572,11 @@ class _Runner:
 
     def run(self, cell: Cell) -> dict[str, Any]:
         _reset_peak_memory(self.device)
+        load_before, cpu_before = _load_average(), _cpu_seconds()
         start = time.perf_counter()
         record = self._dense(cell) if cell.kind == "dense" else self._pruned(cell)
         record["wall_s"] = time.perf_counter() - start
+        record["machine"] = _machine(load_before, _load_average(), _cpu_seconds() - cpu_before, record["wall_s"])
         from .report import peak_rss_gib
 
         record["peak_rss_cell_gib"] = peak_rss_gib()
@@ -651,6 +681,33 @@ def _headline(results: Mapping[str, Any]) -> str:
     if results.get("tasks_mean"):
         parts.append(f"zero-shot mean {results['tasks_mean']['value']:.4f}")
     return ", ".join(parts) or "evaluated"
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # not on every platform
+        return None
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _machine(load_start: float | None, load_end: float | None, cpu_s: float, wall_s: float) -> dict[str, Any]:
+    """How busy the machine was while a cell ran, so timings taken beside other work can be told
+    apart: the 1-minute load average at the start and end (it counts this process's own threads),
+    the CPU seconds the cell used, and ``busy``: a load above the core count plus one half."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    loads = [x for x in (load_start, load_end) if x is not None]
+    return {"cores": cores, "threads": torch.get_num_threads(), "load_1m_start": load_start, "load_1m_end": load_end,
+            "cpu_s": round(cpu_s, 1), "cpu_per_wall": round(cpu_s / wall_s, 2) if wall_s > 0 else None,
+            "busy": bool(loads) and max(loads) > cores + 0.5}
 
 
 def _resolve_device(requested: str | None) -> str:

@@ -12,6 +12,7 @@ import yaml
 
 from alsparse import cli, sweep
 from alsparse.cli import main
+from alsparse.results import build_report
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -62,6 +63,7 @@ def test_sweep_2x2_end_to_end_report_and_resume(tiny_model_dir, tmp_path, capsys
     config = _write(tmp_path, _config(tiny_model_dir, plots_dir=str(plots)))
     results = tmp_path / "out" / "results.jsonl"
     calls = _count_prunes(monkeypatch)
+    monkeypatch.setattr("alsparse.sweep._load_average", lambda: 0.5)  # an idle machine: timings count
 
     assert main(["sweep", str(config), "--results", str(results)]) == 0
     captured = capsys.readouterr()
@@ -101,6 +103,16 @@ def test_sweep_2x2_end_to_end_report_and_resume(tiny_model_dir, tmp_path, capsys
         uniform, als = _ppl(pruned[("uniform", sparsity)]), _ppl(pruned[("als", sparsity)])
         assert _expected_row(label, uniform, als) in markdown.splitlines()
     assert "| wanda | als (tokens=32) | 2 |" in markdown  # the cost table: two cells per method/allocator
+    machine = records[1]["machine"]
+    assert machine["busy"] is False and machine["load_1m_start"] == 0.5 and machine["cpu_s"] > 0
+    # cells timed beside other work keep their results but leave the cost table
+    busy = [{**r, "machine": {**r["machine"], "busy": True}} if r["config"].get("allocation") == "als" else r
+            for r in records]
+    busy_md = build_report(busy, figures=False).markdown
+    assert "| wanda | uniform | 2 |" in busy_md and "| wanda | als (tokens=32) |" not in busy_md
+    assert "2 of 5 cells ran beside other work" in busy_md
+    assert _expected_row("wanda 50%", _ppl(pruned[("uniform", 0.5)]), _ppl(pruned[("als", 0.5)])) \
+        in busy_md.splitlines()
 
     # a kill mid-write: keep the dense cell and two pruned ones, plus half of the next line
     lines = results.read_text().splitlines(keepends=True)
@@ -267,13 +279,15 @@ def test_smollm2_grid_file_plans_the_issue_grid():
     combos = {(c.prune.method, c.allocator_label, c.prune.sparsity) for c in main_grid}
     labels = {"uniform", "owl", "dlp", "alphapruning", "atp", "als", "als (solver=qp)"}
     assert combos == {(m, a, s) for m in ("magnitude", "wanda", "sparsegpt") for a in labels for s in (0.5, 0.6, 0.7)}
+    assert len(main_grid) == len(combos), "no configuration is pruned twice (zero-shot cells give the ppl too)"
     nm = {(c.prune.method, c.allocator_label, c.prune.pattern) for c in pruned if c.prune.pattern != "unstructured"}
     assert nm == {(m, a, p) for m in ("wanda", "sparsegpt") for a in ("uniform", "owl", "als") for p in ("2:4", "4:8")}
     for cell in pruned:
         assert (cell.calibration.corpus, cell.calibration.seqlen) == ("wikitext2", 1024)
         assert cell.eval["ppl"] == ["wikitext2"] and cell.eval["seq_len"] == 1024 and cell.eval["limit"] == 40
         with_tasks = (cell.name is None and cell.prune.sparsity in (0.5, 0.7) and cell.prune.pattern == "unstructured"
-                      and cell.prune.seed == 0)
+                      and cell.prune.seed == 0 and cell.prune.method in ("wanda", "sparsegpt")
+                      and cell.prune.allocation in ("uniform", "owl", "als"))
         assert bool(cell.eval["tasks"]) == with_tasks and (cell.eval["task_limit"] == 100) == with_tasks
     assert {c.prune.seed for c in main_grid} == {0} and any(c.prune.seed == 1 for c in pruned)
     assert {c.name for c in pruned} - {None} == {"delta", "granularity", "calib_size", "feature", "normalize",
@@ -304,3 +318,23 @@ def test_sweep_and_report_through_alsparse_main(tiny_model_dir, tmp_path, capsys
     bad = _config(tiny_model_dir, grid=[{"methods": "magnitude", "allocations": "uniform", "sparsities": 1.5}])
     assert cli.main(["sweep", str(_write(tmp_path, bad, "bad.yaml"))]) == 2
     assert "sparsity must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_an_ablation_default_reuses_the_main_grid_cell(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    grid = [{"methods": ["wanda"], "allocations": ["als"], "sparsities": [0.5], "als": {"tokens": 32}},
+            {"name": "delta", "methods": ["wanda"], "allocations": ["als"], "sparsities": [0.5],
+             "als": {"tokens": 32, "delta": [0.2, 0.1]}}]  # 0.2 is the default: the main grid's cell
+    config = _write(tmp_path, _config(tiny_model_dir, grid=grid))
+    results = tmp_path / "results.jsonl"
+    calls = _count_prunes(monkeypatch)
+    monkeypatch.setattr("alsparse.sweep._load_average", lambda: 0.5)
+    assert main(["sweep", str(config), "--results", str(results)]) == 0
+    assert json.loads(capsys.readouterr().out)["computed"] == 4  # dense, main, two ablation rows
+    assert len(calls) == 2, "the ablation's default value is not pruned again"
+    records = {(r["name"], r["label"]): r for r in _lines(results)}
+    main_cell, copy = records[(None, "als (tokens=32)")], records[("delta", "als (tokens=32)")]
+    assert copy["reused_from"] == main_cell["id"] and copy["id"] != main_cell["id"]
+    assert _ppl(copy) == _ppl(main_cell) and copy["varied"] == {"als.delta": 0.2}
+    assert "reused_from" not in records[("delta", "als (delta=0.1, tokens=32)")]
+    markdown = build_report(list(records.values()), figures=False).markdown
+    assert "| wanda | als (tokens=32) | 1 |" in markdown  # the copy is not counted twice in the cost table

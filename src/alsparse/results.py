@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 log = logging.getLogger(__name__)
 
@@ -263,14 +264,23 @@ def _seeds_note(records: Sequence[dict]) -> str:
 class Report:
     markdown: str
     figures: dict[str, Any] = field(default_factory=dict)  # file name -> matplotlib Figure (until written)
+    copies: dict[str, Path] = field(default_factory=dict)  # file name -> a sweep cell's PNG to copy
+    figures_dir: str = ""  # the figures' folder relative to RESULTS.md, as the links write it ("" = beside it)
+
+    def link(self, name: str) -> str:
+        """The Markdown link target of the figure file ``name``."""
+        return quote(f"{self.figures_dir}/{name}" if self.figures_dir else name)
 
 
-def build_report(records: Sequence[dict], sources: Sequence[str] = (), figures: bool = True) -> Report:
-    """The Markdown (and the figures it links to) for a set of records."""
+def build_report(records: Sequence[dict], sources: Sequence[str] = (), figures: bool = True,
+                 figures_dir: str = "", cells: Sequence[str] = ()) -> Report:
+    """The Markdown (and the figures it links to) for a set of records. figures_dir: the figures'
+    folder relative to RESULTS.md; cells: ids (or unique prefixes) whose sweep figures are shown."""
     dense = [r for r in records if r.get("kind") == "dense"]
     pruned = [r for r in records if r.get("kind") == "pruned"]
     main = [r for r in pruned if not r.get("name")]
-    report = Report("")
+    report = Report("", figures_dir=figures_dir)
+    chosen = _cells_section(records, cells, report)  # first: a bad id or a missing file fails before any figure
     intro = []
     if sources:
         intro.append(f"From {', '.join(f'`{s}`' for s in sources)}: {len(dense)} dense and {len(pruned)} pruned cells.")
@@ -282,9 +292,10 @@ def build_report(records: Sequence[dict], sources: Sequence[str] = (), figures: 
                  "row; (+x.xx) after a number = its difference to the uniform allocation in the same row.")
     lines = ["# Sweep results", "", " ".join(intro), ""]
     lines += _ppl_section(main, dense, report if figures else None)
-    lines += _zero_shot_section(main, dense)
+    lines += _zero_shot_section(main, dense, report if figures else None)
     lines += _ablation_section([r for r in pruned if r.get("name")], dense)
     lines += _cost_section(pruned, dense)
+    lines += chosen
     report.markdown = "\n".join(lines).rstrip() + "\n"
     return report
 
@@ -336,7 +347,7 @@ def _ppl_section(records: Sequence[dict], dense: Sequence[dict], report: Report 
                 fig = _ppl_figure(method, rows, cols, cells, protocol, model, recs[0], reference)
                 if fig is not None:
                     report.figures[name] = fig
-                    lines += [f"![{method}: {protocol.title}]({name})", ""]
+                    lines += [f"![{method}: {protocol.title}]({report.link(name)})", ""]
     return lines
 
 
@@ -389,13 +400,57 @@ def _ppl_figure(method, rows, cols, cells, protocol: Protocol, model: str, examp
     return fig
 
 
-def _zero_shot_section(records: Sequence[dict], dense: Sequence[dict]) -> list[str]:
+def _items_text(protocol: tuple) -> str:
+    counts = {n for _, n, _ in protocol}
+    if len(counts) == 1:
+        return f"{counts.pop()} items per task"
+    return "items per task: " + ", ".join(f"{t} {n}" for t, n, _ in protocol)
+
+
+def _zero_shot_figure(rows, cols, cells, protocol: tuple, model: str, example: dict, dense: float | None):
+    """Zero-shot mean accuracy (%) per row (method with sparsity or N:M), one bar per allocator,
+    the dense mean dashed; error bars = min-max over seeds; the y axis is zoomed to the values."""
+    plt = _pyplot()
+    width = 0.8 / len(cols)
+    fig, ax = plt.subplots(figsize=(max(7.2, 2.4 + len(rows) * max(1.0, 0.28 * len(cols))), 4.4), dpi=120)
+    values = [] if dense is None else [100 * dense]
+    for i, col in enumerate(cols):
+        keys = [k for k in rows if (k, col) in cells]
+        stats = [cells[(k, col)] for k in keys]
+        xs = [rows.index(k) + (i - (len(cols) - 1) / 2) * width for k in keys]
+        ax.bar(xs, [100 * s.mean for s in stats], width * 0.92, label=col)
+        spread = [(x, s) for x, s in zip(xs, stats) if s.n > 1]
+        if spread:
+            ax.errorbar([x for x, _ in spread], [100 * s.mean for _, s in spread], fmt="none", ecolor="black",
+                        capsize=2, linewidth=1, yerr=[[100 * (s.mean - s.lo) for _, s in spread],
+                                                      [100 * (s.hi - s.mean) for _, s in spread]])
+        for x, s in zip(xs, stats):
+            ax.annotate(f"{100 * s.mean:.1f}", (x, 100 * s.hi), xytext=(0, 2), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=6.5)
+        values += [100 * s.hi for s in stats] + [100 * s.lo for s in stats]
+    if dense is not None:
+        ax.axhline(100 * dense, color="gray", linestyle="--", linewidth=1, label=f"dense ({100 * dense:.2f})")
+    bottom = max(0.0, 5 * math.floor((min(values) - 5) / 5))
+    ax.set_ylim(bottom, max(values) + 0.12 * (max(values) - bottom))
+    ax.set_xticks(range(len(rows)), [row_label(k).replace(" ", "\n", 1) for k in rows])
+    ax.set_xlabel("method / sparsity")
+    ax.set_ylabel("zero-shot mean accuracy (%)")
+    ax.set_title(f"Zero-shot mean over {len(protocol)} task{'s' if len(protocol) > 1 else ''} "
+                 f"({_items_text(protocol)}): {model}\n{calibration_title(example)}", fontsize=8.5)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="allocator", title_fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _zero_shot_section(records: Sequence[dict], dense: Sequence[dict], report: Report | None) -> list[str]:
     groups = _groups([r for r in records if task_protocol(r)],
                      lambda r: (r["config"]["model"], task_protocol(r), calibration_key(r)))
     if not groups:
         return []
     lines = ["## Zero-shot accuracy", ""]
-    for (model, protocol, _), recs in groups.items():
+    for index, ((model, protocol, _), recs) in enumerate(groups.items(), start=1):
         tasks = [t for t, _, _ in protocol]
         described = ", ".join(f"{t} ({metric}, n={n})" for t, n, metric in protocol)
         dense_rec = next((r for r in dense if r["config"]["model"] == model and task_protocol(r) == protocol), None)
@@ -408,7 +463,13 @@ def _zero_shot_section(records: Sequence[dict], dense: Sequence[dict]) -> list[s
         rows, cols, cells = _pivot(recs, lambda r: r["eval"]["tasks_mean"]["value"], row_key, lambda r: r["label"])
         rows = _row_sort(rows)
         lines += _md_table(["method / sparsity", *cols], _pivot_lines(rows, cols, cells, row_label, False, 100.0))
-        lines += ["", "Per task:", ""]
+        lines.append("")
+        if report is not None:
+            name = f"zero_shot_{index}.png"
+            report.figures[name] = _zero_shot_figure(rows, cols, cells, protocol, model, recs[0], dense_mean)
+            alt = f"zero-shot mean accuracy per allocator, {model}, {_items_text(protocol)}"
+            lines += [f"![{alt}]({report.link(name)})", ""]
+        lines += ["Per task:", ""]
         table = []
         if dense_rec:
             table.append(["dense", "-", *[_fmt(100 * dense_rec["eval"]["tasks"][t]["value"]) for t in tasks],
@@ -537,25 +598,92 @@ def _cost_section(pruned: Sequence[dict], dense: Sequence[dict]) -> list[str]:
     return lines
 
 
+# --- figures of chosen cells -------------------------------------------------------------------
+
+CELL_PREFIX = 6  # the shortest id prefix `--cell` accepts
+CELL_FIGURES = {  # the names alsparse.plots.write_plots gives a cell's figures -> what each shows
+    "allocation.png": "allocated sparsity per block (bars) against the target sparsity (dashed line)",
+    "allocation_linears.png": "allocated sparsity per linear layer (blocks x linears heat map)",
+    "block_rm.png": "RM heat map: the Redundancy Metric RM(i, j) between every pair of blocks",
+    "linear_rm.png": "RM heat map: the Redundancy Metric RM(i, j) between every pair of linear layers",
+}
+
+
+def find_cell(records: Sequence[dict], ident: str) -> dict:
+    """The record whose id is ``ident``, else the only one whose id starts with it (at least
+    CELL_PREFIX characters); anything else is a ValueError saying how many ids matched."""
+    exact = [r for r in records if r["id"] == ident]
+    if exact:
+        return exact[0]
+    matches = [r["id"] for r in records if r["id"].startswith(ident)]
+    if len(ident) < CELL_PREFIX:
+        raise ValueError(f"cell {ident!r}: no cell id is exactly {ident!r} and a prefix needs at least "
+                         f"{CELL_PREFIX} characters ({len(matches)} of {len(records)} ids start with it)")
+    if len(matches) != 1:
+        listed = f": {', '.join(matches[:10])}{' ...' if len(matches) > 10 else ''}" if matches else ""
+        raise ValueError(f"cell {ident!r}: {len(matches)} of {len(records)} cell ids match{listed}; "
+                         f"give the exact id or a unique prefix of at least {CELL_PREFIX} characters")
+    return next(r for r in records if r["id"] == matches[0])
+
+
+def _cell_description(record: dict) -> str:
+    c = record["config"]
+    target = f"N:M pattern {c['pattern']}" if c["pattern"] != "unstructured" else f"sparsity {_percent(c['sparsity'])}"
+    ablation = f"ablation `{record['name']}` ({_varied_label(record)}): " if record.get("name") else ""
+    ppl = [f"{p.title}: {_fmt(v)}" for p, v in ppl_values(record) if p.kind == "token-ppl"]
+    return (f"{ablation}{c['method']}, allocator {record['label']}, {target}, calibration seed {c.get('seed', 0)}; "
+            f"{'; '.join(ppl) or 'no token-ppl evaluated'}.")
+
+
+def _cells_section(records: Sequence[dict], idents: Sequence[str], report: Report) -> list[str]:
+    """Per chosen cell: a description and its sweep figures (recorded in report.copies)."""
+    chosen = {r["id"]: r for r in (find_cell(records, i) for i in idents)}
+    if not chosen:
+        return []
+    lines = ["## Figures of chosen cells", ""]
+    for cell_id, record in chosen.items():
+        if not record.get("plots"):
+            raise ValueError(f"cell {cell_id}: its record lists no figures (a dense cell, or a sweep run "
+                             "without plots_dir)")
+        lines += [f"### Cell `{cell_id}`", "", _cell_description(record), ""]
+        for path in map(Path, record["plots"]):
+            if not path.is_file():
+                raise ValueError(f"cell {cell_id}: figure {path} does not exist (the sweep wrote it under its "
+                                 f"plots_dir; a relative path is relative to the directory the sweep ran in)")
+            name = f"cell_{cell_id}_{path.name}"
+            caption = CELL_FIGURES.get(path.name, path.stem.replace("_", " "))
+            report.copies[name] = path
+            lines += [f"![{caption}]({report.link(name)})", "", f"*{caption}.*", ""]
+    return lines
+
+
 # --- writing ----------------------------------------------------------------------------------
 
 
-def write_report(records: Sequence[dict], out_dir: str | os.PathLike[str], sources: Sequence[str] = ()) -> list[Path]:
-    """RESULTS.md and its PNGs under ``out_dir``, each written to a temporary file and renamed."""
+def write_report(records: Sequence[dict], out_dir: str | os.PathLike[str], sources: Sequence[str] = (),
+                 figures_dir: str | os.PathLike[str] | None = None, cells: Sequence[str] = ()) -> list[Path]:
+    """RESULTS.md under ``out_dir`` and its PNGs under ``out_dir/figures_dir`` (default: beside it),
+    each written to a temporary file and renamed; RESULTS.md first in the list, written last.
+    cells: ids (or unique prefixes) whose sweep figures are copied in as cell_<id>_<name>.png."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    fig_dir = out_dir / figures_dir if figures_dir else out_dir
+    link = Path(os.path.relpath(fig_dir, out_dir)).as_posix()
     try:
         _pyplot()
         figures = True
     except ImportError:
         log.warning("matplotlib is not installed: tables only (pip install 'alsparse[plots]')")
         figures = False
-    report = build_report(records, sources, figures=figures)
+    report = build_report(records, sources, figures=figures, figures_dir="" if link == "." else link, cells=cells)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig_dir.mkdir(parents=True, exist_ok=True)
     written = []
     plt = _pyplot() if figures else None
     for name, fig in report.figures.items():
-        written.append(_atomic(out_dir / name, lambda f, fig=fig: fig.savefig(f, format="png", bbox_inches="tight")))
+        written.append(_atomic(fig_dir / name, lambda f, fig=fig: fig.savefig(f, format="png", bbox_inches="tight")))
         plt.close(fig)
+    for name, source in report.copies.items():
+        written.append(_atomic(fig_dir / name, lambda f, source=source: f.write(source.read_bytes())))
     written.insert(0, _atomic(out_dir / "RESULTS.md", lambda f: f.write(report.markdown.encode())))
     return written
 

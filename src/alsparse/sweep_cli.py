@@ -22,6 +22,11 @@ def add_parsers(sub) -> None:
     rp = sub.add_parser("report", help="Markdown tables and PNG figures from sweep results files")
     rp.add_argument("results", nargs="+", help="results file(s) written by 'alsparse sweep'")
     rp.add_argument("--out", default=None, help="output directory (default: the first results file's directory)")
+    rp.add_argument("--figures", default=None, metavar="SUBDIR",
+                    help="write the PNGs to OUT/SUBDIR and link them from there (default: beside RESULTS.md)")
+    rp.add_argument("--cell", action="append", default=[], metavar="ID",
+                    help="also show this cell's sweep figures (RM heat map, allocation), copied in as "
+                         "cell_<id>_<name>.png; an exact id or a unique prefix of >= 6 characters; repeatable")
 
 
 def _cmd_sweep(args) -> int:
@@ -51,7 +56,8 @@ def _cmd_report(args) -> int:
     if not records:
         raise ValueError(f"no finished cells in {', '.join(args.results)}")
     out = Path(args.out) if args.out else Path(args.results[0]).resolve().parent
-    written = write_report(records, out, sources=[Path(p).name for p in args.results])
+    written = write_report(records, out, sources=[Path(p).name for p in args.results], figures_dir=args.figures,
+                           cells=args.cell)
     logging.getLogger("alsparse").info("wrote %s", ", ".join(str(p) for p in written))
     print(written[0].read_text(encoding="utf-8"))
     return 0

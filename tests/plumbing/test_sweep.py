@@ -5,6 +5,7 @@ protocols never mixed, and the SmolLM2 grid file."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import yaml
 
 from alsparse import cli, sweep
 from alsparse.cli import main
-from alsparse.results import build_report
+from alsparse.results import build_report, write_report
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -338,3 +339,124 @@ def test_an_ablation_default_reuses_the_main_grid_cell(tiny_model_dir, tmp_path,
     assert "reused_from" not in records[("delta", "als (delta=0.1, tokens=32)")]
     markdown = build_report(list(records.values()), figures=False).markdown
     assert "| wanda | als (tokens=32) | 1 |" in markdown  # the copy is not counted twice in the cost table
+
+
+def _md_images(markdown: str) -> list[str]:
+    """The targets of the Markdown image links."""
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+
+
+def _assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5_000, path
+
+
+def test_report_figures_subdir_zero_shot_figure_and_chosen_cells(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative plots_dir: the records hold the figures' paths relative to here
+    cfg = _config(tiny_model_dir, plots_dir="cell_plots",
+                  grid=[{"methods": ["wanda"], "allocations": ["uniform", "als"], "sparsities": [0.5, 0.7],
+                         "als": {"tokens": 32}, "eval": {"tasks": ["piqa"], "task_limit": 4}}])
+    results = tmp_path / "results.jsonl"
+    assert main(["sweep", str(_write(tmp_path, cfg)), "--results", str(results)]) == 0
+    records = _lines(results)
+    dense = records[0]
+    cell = {(r["config"]["allocation"], r["config"]["sparsity"]): r for r in records[1:]}
+    als, uniform = cell[("als", 0.5)], cell[("uniform", 0.7)]
+
+    # --figures: the PNGs in OUT/results, the links relative to RESULTS.md; --cell by prefix and by full id
+    out = tmp_path / "docs"
+    assert main(["report", str(results), "--out", str(out), "--figures", "results",
+                 "--cell", als["id"][:8], "--cell", uniform["id"], "--cell", als["id"]]) == 0
+    capsys.readouterr()
+    markdown = (out / "RESULTS.md").read_text()
+    assert not list(out.glob("*.png"))
+    links = _md_images(markdown)
+    expected = {"ppl_vs_sparsity_wanda_1.png", "zero_shot_1.png", f"cell_{als['id']}_allocation.png",
+                f"cell_{als['id']}_block_rm.png", f"cell_{uniform['id']}_allocation.png"}
+    assert sorted(links) == sorted(f"results/{name}" for name in expected)
+    for link in links:
+        _assert_png(out / link)
+    assert {p.name for p in (out / "results").iterdir()} == expected  # no temporary file left behind
+    for c, name in ((als, "allocation.png"), (als, "block_rm.png"), (uniform, "allocation.png")):
+        copied = out / "results" / f"cell_{c['id']}_{name}"
+        assert copied.read_bytes() == (tmp_path / "cell_plots" / c["id"] / name).read_bytes()
+
+    # the zero-shot figure sits under the mean table, before the per-task table
+    zero_shot = markdown.split("## Zero-shot accuracy")[1].split("\n## ")[0]
+    assert zero_shot.index("| wanda 70% |") < zero_shot.index("(results/zero_shot_1.png)") < zero_shot.index("Per task")
+
+    # the chosen cells: once each, in the order given, described, every image captioned
+    chosen = markdown.split("## Figures of chosen cells")[1]
+    assert chosen.count("### Cell ") == 2 and chosen.index(als["id"]) < chosen.index(f"### Cell `{uniform['id']}`")
+    protocol = "token-ppl, text file corpus.txt, seq_len 32, first 3 non-overlapping windows"
+    assert (f"wanda, allocator als (tokens=32), sparsity 50%, calibration seed 0; {protocol}: {_ppl(als):.2f}."
+            in chosen.splitlines())
+    assert (f"wanda, allocator uniform, sparsity 70%, calibration seed 0; {protocol}: {_ppl(uniform):.2f}."
+            in chosen.splitlines())
+    assert (f"![RM heat map: the Redundancy Metric RM(i, j) between every pair of blocks]"
+            f"(results/cell_{als['id']}_block_rm.png)") in chosen
+    assert chosen.count("*allocated sparsity per block (bars) against the target sparsity (dashed line).*") == 2
+
+    # the default: figures beside RESULTS.md, plain links
+    plain = tmp_path / "plain"
+    assert main(["report", str(results), "--out", str(plain)]) == 0
+    capsys.readouterr()
+    plain_links = _md_images((plain / "RESULTS.md").read_text())
+    assert sorted(plain_links) == ["ppl_vs_sparsity_wanda_1.png", "zero_shot_1.png"]
+    for link in plain_links:
+        _assert_png(plain / link)
+
+    # what the zero-shot figure draws: a bar per row and allocator at the mean accuracy, the dense mean dashed
+    # (the tiny model scores the same on every cell: distinct means make the bars' order visible)
+    means = {r["id"]: 0.30 + 0.01 * i for i, r in enumerate(records)}
+    distinct = [{**r, "eval": {**r["eval"], "tasks_mean": {**r["eval"]["tasks_mean"], "value": means[r["id"]]}}}
+                for r in records]
+    report = build_report(distinct)
+    figure = report.figures["zero_shot_1.png"]
+    try:
+        (ax,) = figure.axes
+        for bars, allocation in zip(ax.containers, ("uniform", "als")):
+            heights = [bar.get_height() for bar in bars]
+            assert heights == pytest.approx([100 * means[cell[(allocation, s)]["id"]] for s in (0.5, 0.7)])
+        (line,) = ax.get_lines()
+        assert line.get_linestyle() == "--" and line.get_ydata()[0] == pytest.approx(100 * means[dense["id"]])
+        assert "4 items per task" in ax.get_title() and str(tiny_model_dir / "model") in ax.get_title()
+        assert ax.get_xlabel() and ax.get_ylabel() == "zero-shot mean accuracy (%)"
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert legend[0].startswith("dense (") and legend[1:] == ["uniform", "als (tokens=32)"]
+    finally:
+        import matplotlib.pyplot as plt
+
+        for fig in report.figures.values():
+            plt.close(fig)
+
+    # the Python API: figures_dir below out_dir, RESULTS.md first in what was written
+    written = write_report(records, tmp_path / "api", figures_dir="figs", cells=[uniform["id"]])
+    assert written[0] == tmp_path / "api" / "RESULTS.md"
+    assert {p.parent for p in written[1:]} == {tmp_path / "api" / "figs"}
+    assert f"(figs/cell_{uniform['id']}_allocation.png)" in written[0].read_text()
+
+    # bad --cell ids and a missing figure: exit 2 with the reason, nothing written
+    for args, message in (
+        (["--cell", "ffffffffffff"], "'ffffffffffff': 0 of 5 cell ids match"),
+        (["--cell", als["id"][:3]], "a prefix needs at least 6 characters"),
+        (["--cell", dense["id"]], f"cell {dense['id']}: its record lists no figures"),
+    ):
+        assert main(["report", str(results), "--out", str(tmp_path / "bad"), *args]) == 2
+        assert message in capsys.readouterr().err
+    missing = Path("cell_plots") / uniform["id"] / "allocation.png"
+    missing.unlink()
+    assert main(["report", str(results), "--out", str(tmp_path / "bad"), "--cell", uniform["id"]]) == 2
+    err = capsys.readouterr().err
+    assert f"cell {uniform['id']}: figure {missing} does not exist" in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_an_ambiguous_cell_prefix_is_refused():
+    record = {"kind": "pruned", "label": "uniform", "plots": [],
+              "config": {"model": "m", "method": "wanda", "pattern": "unstructured", "sparsity": 0.5, "seed": 0}}
+    records = [{**record, "id": "abcdef0000000001"}, {**record, "id": "abcdef0000000002"}]
+    with pytest.raises(ValueError, match="'abcdef': 2 of 2 cell ids match: abcdef0000000001, abcdef0000000002"):
+        build_report(records, figures=False, cells=["abcdef"])
+    with pytest.raises(ValueError, match="cell abcdef0000000001: its record lists no figures"):
+        build_report(records, figures=False, cells=["abcdef0000000001"])

@@ -265,6 +265,7 @@ class Report:
     markdown: str
     figures: dict[str, Any] = field(default_factory=dict)  # file name -> matplotlib Figure (until written)
     copies: dict[str, Path] = field(default_factory=dict)  # file name -> a sweep cell's PNG to copy
+    redrawn: dict[str, Callable[[Any], Any]] = field(default_factory=dict)  # file name -> draws it into a file
     figures_dir: str = ""  # the figures' folder relative to RESULTS.md, as the links write it ("" = beside it)
 
     def link(self, name: str) -> str:
@@ -647,14 +648,33 @@ def _cells_section(records: Sequence[dict], idents: Sequence[str], report: Repor
                              "without plots_dir)")
         lines += [f"### Cell `{cell_id}`", "", _cell_description(record), ""]
         for path in map(Path, record["plots"]):
-            if not path.is_file():
+            name = f"cell_{cell_id}_{path.name}"
+            if path.is_file():
+                report.copies[name] = path
+            elif (draw := _redraw(record, path.name)) is not None:
+                report.redrawn[name] = draw  # from the numbers in the record (the plots_dir is gone)
+            else:
                 raise ValueError(f"cell {cell_id}: figure {path} does not exist (the sweep wrote it under its "
                                  f"plots_dir; a relative path is relative to the directory the sweep ran in)")
-            name = f"cell_{cell_id}_{path.name}"
             caption = CELL_FIGURES.get(path.name, path.stem.replace("_", " "))
-            report.copies[name] = path
             lines += [f"![{caption}]({report.link(name)})", "", f"*{caption}.*", ""]
     return lines
+
+
+def _redraw(record: dict, name: str) -> Callable[[Any], Any] | None:
+    """Draw a cell's figure again from its record, where the record holds what it shows: the
+    allocation bars, and the block RM heat map (recorded for block-level ALS cells)."""
+    from .plots import allocation_bars, rm_heatmap
+
+    allocation = record.get("allocation") or {}
+    if name == "block_rm.png" and allocation.get("block_rm"):
+        return lambda f: rm_heatmap(allocation["block_rm"], f, "RM between blocks")
+    if name == "allocation.png" and allocation.get("units") and allocation.get("sparsity"):
+        units = [str(i) for i in range(len(allocation["units"]))]
+        title = (f"{record['label']} allocation, {record['config']['method']}, "
+                 f"mean {record.get('allocated_sparsity', allocation.get('mean_sparsity', 0)):.3f}")
+        return lambda f: allocation_bars(units, allocation["sparsity"], record["config"]["sparsity"], f, title)
+    return None
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -684,6 +704,8 @@ def write_report(records: Sequence[dict], out_dir: str | os.PathLike[str], sourc
         plt.close(fig)
     for name, source in report.copies.items():
         written.append(_atomic(fig_dir / name, lambda f, source=source: f.write(source.read_bytes())))
+    for name, draw in report.redrawn.items():
+        written.append(_atomic(fig_dir / name, draw))
     written.insert(0, _atomic(out_dir / "RESULTS.md", lambda f: f.write(report.markdown.encode())))
     return written
 

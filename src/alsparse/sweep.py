@@ -626,7 +626,8 @@ class _Runner:
             prune_config=report.config, calibration=report.calibration, eval=results,
             achieved_sparsity=report.achieved_sparsity, allocated_sparsity=report.allocated_sparsity,
             allocation={"units": allocation.get("units"), "sparsity": allocation.get("sparsity"),
-                        "mean_sparsity": allocation.get("mean_sparsity"), "nm": allocation.get("nm")},
+                        "mean_sparsity": allocation.get("mean_sparsity"), "nm": allocation.get("nm"),
+                        **_block_rm(allocation)},
             pass1_reused=self.pass1.hits > hits,
             timings_s={"load": load_s, "calibration": calib_s, **report.timings_s, "eval": eval_s}, eval_s=eval_s,
             peak_memory=report.peak_memory, versions=report.versions, plots=plots,
@@ -681,6 +682,13 @@ def _headline(results: Mapping[str, Any]) -> str:
     if results.get("tasks_mean"):
         parts.append(f"zero-shot mean {results['tasks_mean']['value']:.4f}")
     return ", ".join(parts) or "evaluated"
+
+
+def _block_rm(allocation: Mapping[str, Any]) -> dict[str, Any]:
+    """The RM matrix between blocks, rounded to 4 decimals (30 blocks: ~6 kB of JSON), so the
+    report can draw a cell's heat map from the results file alone; linear-level RM is not kept."""
+    rm = (allocation.get("diagnostics") or {}).get("block_rm")
+    return {"block_rm": [[round(float(x), 4) for x in row] for row in rm]} if rm else {}
 
 
 def _load_average() -> float | None:

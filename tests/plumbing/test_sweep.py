@@ -444,9 +444,21 @@ def test_report_figures_subdir_zero_shot_figure_and_chosen_cells(tiny_model_dir,
     ):
         assert main(["report", str(results), "--out", str(tmp_path / "bad"), *args]) == 2
         assert message in capsys.readouterr().err
+    # the sweep's figures gone (a fresh clone): drawn again from the record's numbers...
+    for path in map(Path, als["plots"]):
+        path.unlink()
+    assert main(["report", str(results), "--out", str(tmp_path / "again"), "--cell", als["id"]]) == 0
+    capsys.readouterr()
+    for path in map(Path, als["plots"]):
+        assert path.name in ("allocation.png", "block_rm.png")
+        _assert_png(tmp_path / "again" / f"cell_{als['id']}_{path.name}")
+    assert len(als["allocation"]["block_rm"]) == 3  # the block RM matrix travels in the record
+    # ... unless the record lacks them
     missing = Path("cell_plots") / uniform["id"] / "allocation.png"
     missing.unlink()
-    assert main(["report", str(results), "--out", str(tmp_path / "bad"), "--cell", uniform["id"]]) == 2
+    stripped = tmp_path / "stripped.jsonl"
+    stripped.write_text("".join(json.dumps({**r, "allocation": {}}) + "\n" for r in records))
+    assert main(["report", str(stripped), "--out", str(tmp_path / "bad"), "--cell", uniform["id"]]) == 2
     err = capsys.readouterr().err
     assert f"cell {uniform['id']}: figure {missing} does not exist" in err
     assert not (tmp_path / "bad").exists()

@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32; papers use 128)")
     pr.add_argument("--seqlen", type=int, default=1024, help="tokens per window (default 1024; papers use 2048)")
     pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--batch-size", type=int, default=4, help="calibration windows per micro-batch")
+    pr.add_argument("--batch-size", type=int, default=None,
+                    help="calibration windows per micro-batch (default 4; 1 with --from-disk, the least memory: "
+                         "on SmolLM2 at 32 x 1024, 0.68 against 0.83 GiB, and no slower on CPU)")
     pr.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     pr.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     pr.add_argument("--offload", default="device", help="where calibration activations live: device | cpu")
@@ -288,7 +290,7 @@ def _cmd_prune(args) -> int:
         allocation_file=args.allocation_file,
         seed=args.seed,
         device=device,
-        batch_size=args.batch_size,
+        batch_size=(1 if args.from_disk else 4) if args.batch_size is None else args.batch_size,
         offload=args.offload,
         als=_als_options(args),
         baselines=_baseline_options(args),

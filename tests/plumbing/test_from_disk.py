@@ -156,7 +156,9 @@ def test_cli_prune_from_disk_with_eval(tiny_model_dir, tmp_path, capsys):
     assert pruned != dense
     assert summary["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
     assert (out / "alsparse_eval.json").is_file() and not (tmp_path / "out.alsparse-ckpt").exists()
-    assert main([*args[:-1], str(tmp_path / "ram")]) == 0
+    assert json.loads((out / "alsparse_report.json").read_text())["config"]["batch_size"] == 1  # the lean default
+    assert main([*args[:-1], str(tmp_path / "ram"), "--batch-size", "1"]) == 0
+    assert json.loads((tmp_path / "ram" / "alsparse_report.json").read_text())["config"]["batch_size"] == 1
     capsys.readouterr()
     a, b = load_file(tmp_path / "ram" / "model.safetensors"), {}
     for shard in out.glob("model-*.safetensors"):

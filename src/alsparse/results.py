@@ -274,9 +274,12 @@ class Report:
 
 
 def build_report(records: Sequence[dict], sources: Sequence[str] = (), figures: bool = True,
-                 figures_dir: str = "", cells: Sequence[str] = ()) -> Report:
+                 figures_dir: str = "", cells: Sequence[str] = (), preamble: str = "",
+                 command: str = "") -> Report:
     """The Markdown (and the figures it links to) for a set of records. figures_dir: the figures'
-    folder relative to RESULTS.md; cells: ids (or unique prefixes) whose sweep figures are shown."""
+    folder relative to RESULTS.md; cells: ids (or unique prefixes) whose sweep figures are shown;
+    preamble: Markdown placed after the title (kept when the report is regenerated); command: the
+    command line that wrote the report, quoted so the reader can regenerate it."""
     dense = [r for r in records if r.get("kind") == "dense"]
     pruned = [r for r in records if r.get("kind") == "pruned"]
     main = [r for r in pruned if not r.get("name")]
@@ -291,7 +294,9 @@ def build_report(records: Sequence[dict], sources: Sequence[str] = (), figures: 
         intro.append(f"alsparse {', '.join(versions)}.")
     intro.append("Every table is one model, one evaluation protocol and one calibration set-up; bold = best in its "
                  "row; (+x.xx) after a number = its difference to the uniform allocation in the same row.")
-    lines = ["# Sweep results", "", " ".join(intro), ""]
+    if command:
+        intro.append(f"Regenerate this file with `{command}`.")
+    lines = ["# Sweep results", ""] + ([preamble.strip(), ""] if preamble.strip() else []) + [" ".join(intro), ""]
     lines += _ppl_section(main, dense, report if figures else None)
     lines += _zero_shot_section(main, dense, report if figures else None)
     lines += _ablation_section([r for r in pruned if r.get("name")], dense)
@@ -681,7 +686,8 @@ def _redraw(record: dict, name: str) -> Callable[[Any], Any] | None:
 
 
 def write_report(records: Sequence[dict], out_dir: str | os.PathLike[str], sources: Sequence[str] = (),
-                 figures_dir: str | os.PathLike[str] | None = None, cells: Sequence[str] = ()) -> list[Path]:
+                 figures_dir: str | os.PathLike[str] | None = None, cells: Sequence[str] = (),
+                 preamble: str = "", command: str = "") -> list[Path]:
     """RESULTS.md under ``out_dir`` and its PNGs under ``out_dir/figures_dir`` (default: beside it),
     each written to a temporary file and renamed; RESULTS.md first in the list, written last.
     cells: ids (or unique prefixes) whose sweep figures are copied in as cell_<id>_<name>.png."""
@@ -694,7 +700,8 @@ def write_report(records: Sequence[dict], out_dir: str | os.PathLike[str], sourc
     except ImportError:
         log.warning("matplotlib is not installed: tables only (pip install 'alsparse[plots]')")
         figures = False
-    report = build_report(records, sources, figures=figures, figures_dir="" if link == "." else link, cells=cells)
+    report = build_report(records, sources, figures=figures, figures_dir="" if link == "." else link, cells=cells,
+                          preamble=preamble, command=command)
     out_dir.mkdir(parents=True, exist_ok=True)
     fig_dir.mkdir(parents=True, exist_ok=True)
     written = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from pathlib import Path
 
 
@@ -27,6 +28,8 @@ def add_parsers(sub) -> None:
     rp.add_argument("--cell", action="append", default=[], metavar="ID",
                     help="also show this cell's sweep figures (RM heat map, allocation), copied in as "
                          "cell_<id>_<name>.png; an exact id or a unique prefix of >= 6 characters; repeatable")
+    rp.add_argument("--preamble", default=None, metavar="FILE",
+                    help="a Markdown file placed after the title (status, protocol notes, conclusions)")
 
 
 def _cmd_sweep(args) -> int:
@@ -56,8 +59,18 @@ def _cmd_report(args) -> int:
     if not records:
         raise ValueError(f"no finished cells in {', '.join(args.results)}")
     out = Path(args.out) if args.out else Path(args.results[0]).resolve().parent
+    preamble = ""
+    if args.preamble:
+        try:
+            preamble = Path(args.preamble).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"cannot read the preamble {args.preamble}: {exc.strerror or exc}") from None
+    command = " ".join(["alsparse report", *map(shlex.quote, args.results), *(["--out", shlex.quote(args.out)]
+                        if args.out else []), *(["--figures", shlex.quote(args.figures)] if args.figures else []),
+                        *[f"--cell {shlex.quote(c)}" for c in args.cell],
+                        *(["--preamble", shlex.quote(args.preamble)] if args.preamble else [])])
     written = write_report(records, out, sources=[Path(p).name for p in args.results], figures_dir=args.figures,
-                           cells=args.cell)
+                           cells=args.cell, preamble=preamble, command=command)
     logging.getLogger("alsparse").info("wrote %s", ", ".join(str(p) for p in written))
     print(written[0].read_text(encoding="utf-8"))
     return 0

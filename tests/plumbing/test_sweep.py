@@ -472,3 +472,22 @@ def test_an_ambiguous_cell_prefix_is_refused():
         build_report(records, figures=False, cells=["abcdef"])
     with pytest.raises(ValueError, match="cell abcdef0000000001: its record lists no figures"):
         build_report(records, figures=False, cells=["abcdef0000000001"])
+
+
+def test_report_preamble_and_regenerate_command(tmp_path, capsys):
+    record = {"id": "abcdef0000000001", "kind": "dense", "label": "dense", "config": {"model": "m"},
+              "eval_config": {}, "eval": {"token_ppl": {}, "tasks": {}}}
+    results = tmp_path / "r.jsonl"
+    results.write_text(json.dumps(record) + "\n")
+    preamble = tmp_path / "pre.md"
+    preamble.write_text("Status: 1 of 131 cells.\n\nALS wins nothing yet.\n")
+    out = tmp_path / "docs"
+    assert main(["report", str(results), "--out", str(out), "--preamble", str(preamble)]) == 0
+    markdown = (out / "RESULTS.md").read_text()
+    lines = markdown.splitlines()
+    assert lines[:5] == ["# Sweep results", "", "Status: 1 of 131 cells.", "", "ALS wins nothing yet."]
+    assert f"Regenerate this file with `alsparse report {results} --out {out} --preamble {preamble}`." in markdown
+    capsys.readouterr()
+    assert main(["report", str(results), "--out", str(out), "--preamble", str(tmp_path / "missing.md")]) == 2
+    assert "cannot read the preamble" in capsys.readouterr().err
+    assert (out / "RESULTS.md").read_text() == markdown  # the earlier report is untouched

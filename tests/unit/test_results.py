@@ -35,7 +35,7 @@ def record(method="wanda", allocation="uniform", sparsity=0.5, seed=0, ppl=40.0,
             "label": label or (allocation if kind == "pruned" else "dense"), "config": config,
             "calibration": {"source": "wikitext2 validation"}, "eval": ev,
             "timings_s": {"capture": 1.0, "pass1": 2.0, "prune": 10.0, "eval": 5.0}, "wall_s": 20.0,
-            "peak_rss_cell_gib": 1.25, "pass1_reused": False}
+            "machine": {"busy": False}, "peak_rss_cell_gib": 1.25, "pass1_reused": False}
 
 
 def _rows(markdown: str, prefix: str) -> list[str]:

@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--batch-size", type=int, default=None,
                     help="calibration windows per micro-batch (default 4; 1 with --from-disk, the least memory: "
-                         "on SmolLM2 at 32 x 1024, 0.68 against 0.83 GiB, and no slower on CPU)")
+                         "on SmolLM2 at 32 x 1024, 0.67-0.72 against 0.83 GiB, and no slower on CPU)")
     pr.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     pr.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     pr.add_argument("--offload", default="device", help="where calibration activations live: device | cpu")

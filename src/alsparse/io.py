@@ -101,7 +101,7 @@ def _write_streamed_weights(model: nn.Module, checkpoints: BlockCheckpoints, tmp
             weight_map[key] = shard
             total += nbytes
     prefix = BLOCK_PATHS[family(model)] + "."
-    names = [name for name in source.files if not name.startswith(prefix)]
+    names = {name for name in source.files if not name.startswith(prefix)}
     held = {k: v for k, v in model.state_dict().items() if k in names and not v.is_meta}
     rest = {**source.read([n for n in names if n not in held]), **held}  # no second copy of the embeddings
     save_file({k: v.contiguous() for k, v in rest.items()}, str(tmp / "model-rest.safetensors"),

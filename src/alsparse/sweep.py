@@ -87,8 +87,7 @@ class Cell:
         return out
 
     def identity(self) -> dict[str, Any]:
-        eval_id = {k: v for k, v in self.eval.items() if k != "batch_size"}
-        return {"kind": self.kind, "name": self.name, "config": self.config(), "eval": eval_id}
+        return {"kind": self.kind, "name": self.name, "config": self.config(), "eval": _eval_identity(self.eval)}
 
     @property
     def work_key(self) -> str:
@@ -411,9 +410,14 @@ def _make_cell(where, name, model, dtype, batch_size, offload, eval_cfg, seed, c
     return Cell("pruned", model, dtype, eval_cfg, name, config, calib, als_kept, base_kept, varied)
 
 
+def _eval_identity(eval_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The evaluation settings that change results (batch size does not)."""
+    return {k: v for k, v in eval_cfg.items() if k != "batch_size"}
+
+
 def _work_key(config: Mapping[str, Any], eval_cfg: Mapping[str, Any]) -> str:
-    eval_id = {k: v for k, v in eval_cfg.items() if k != "batch_size"}
-    return json.dumps({"config": config, "eval": eval_id}, sort_keys=True, separators=(",", ":"), default=str)
+    return json.dumps({"config": config, "eval": _eval_identity(eval_cfg)}, sort_keys=True, separators=(",", ":"),
+                      default=str)
 
 
 def _reused(cell: Cell, record: Mapping[str, Any]) -> dict[str, Any]:

@@ -300,5 +300,6 @@ def _make_report(model, config, allocation, records, timer, device, calibration,
         linears=records,
         timings_s=dict(timer.timings),
         peak_memory=peak_memory(device),
+        stage_peak_rss_gib=dict(timer.peak_rss_gib),
         versions=versions(),
     )

@@ -40,6 +40,7 @@ class PruneReport:
     linears: list[LinearRecord] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
     peak_memory: dict[str, float] = field(default_factory=dict)
+    stage_peak_rss_gib: dict[str, float] = field(default_factory=dict)  # per stage of timings_s
     versions: dict[str, str] = field(default_factory=dict)
     resumed_from_block: Optional[int] = None  # set when pruning resumed from checkpoints
 
@@ -70,6 +71,7 @@ class PruneReport:
             "num_linears": len(self.linears),
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
             "peak_memory": self.peak_memory,
+            "stage_peak_rss_gib": self.stage_peak_rss_gib,
             "calibration": self.calibration,
             **({"resumed_from_block": self.resumed_from_block} if self.resumed_from_block is not None else {}),
         }
@@ -128,18 +130,61 @@ def versions() -> dict[str, str]:
     }
 
 
-def peak_rss_gib() -> float:
-    """This process's peak resident set (GiB): Linux's VmHWM, which belongs to the process image
-    (getrusage's ru_maxrss also carries the peak of the process that exec'd it: a child of a big
-    test runner would report the runner's peak), else ru_maxrss."""
+def _hwm_gib() -> float:
+    """Linux's VmHWM (the high-water mark of this process image; getrusage's ru_maxrss also carries
+    the peak of the process that exec'd it, so a child of a big test runner would report the
+    runner's peak), else ru_maxrss."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 2**20, 3)
+                    return int(line.split()[1]) / 2**20
     except OSError:
         pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+_WINDOWS: list[list[float]] = []  # the running peak (GiB) of each open peak_rss_window, outermost first
+_PROCESS_PEAK = [0.0]  # folded in before every reset of VmHWM
+
+
+def _fold() -> float:
+    """Fold the current high-water mark into every open window and the process's peak."""
+    now = _hwm_gib()
+    for box in _WINDOWS:
+        box[0] = max(box[0], now)
+    _PROCESS_PEAK[0] = max(_PROCESS_PEAK[0], now)
+    return now
+
+
+@contextlib.contextmanager
+def peak_rss_window() -> Iterator[list[float]]:
+    """The peak resident memory of the code inside the ``with`` block: yields a one-element list
+    whose value (GiB) is final when the block exits. Windows nest: each reset of Linux's VmHWM
+    (``/proc/self/clear_refs``) first folds the mark into every open window, so an outer window's
+    peak is the largest of its inner ones and of its own code. Where VmHWM cannot be reset, a
+    window reports the process's peak so far (an upper bound)."""
+    _fold()
+    box = [0.0]
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        box[0] = _PROCESS_PEAK[0]
+    _WINDOWS.append(box)
+    try:
+        yield box
+    finally:
+        _fold()
+        del _WINDOWS[next(i for i, b in enumerate(_WINDOWS) if b is box)]  # by identity: boxes can be equal
+        box[0] = round(box[0], 3)
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory (GiB) since the outermost open :func:`peak_rss_window` began (a sweep's
+    cell), or of the whole process when none is open."""
+    now = _fold()
+    return round(_WINDOWS[0][0] if _WINDOWS else max(_PROCESS_PEAK[0], now), 3)
 
 
 def peak_memory(device: Optional[torch.device] = None) -> dict[str, float]:
@@ -151,13 +196,19 @@ def peak_memory(device: Optional[torch.device] = None) -> dict[str, float]:
 
 
 class StageTimer:
+    """Wall seconds and peak resident memory (GiB) per stage; a stage entered twice adds its
+    times and keeps the larger peak."""
+
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
+        self.peak_rss_gib: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
         start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+        with peak_rss_window() as peak:
+            try:
+                yield
+            finally:
+                self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+        self.peak_rss_gib[stage] = max(self.peak_rss_gib.get(stage, 0.0), peak[0])

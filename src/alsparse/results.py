@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -601,7 +601,48 @@ def _cost_section(pruned: Sequence[dict], dense: Sequence[dict]) -> list[str]:
         lines += _md_table(["method", "allocator", "cells", *[f"{s} s" for s in present], "total s", "peak RSS GiB"],
                            table)
         lines.append("")
+        lines += _stage_peaks_table(groups)
+        lines += _als_overhead_table(recs)
     return lines
+
+
+def _stage_peaks_table(groups: Mapping[tuple, list[dict]]) -> list[str]:
+    """Peak resident memory per stage: the largest over a row's cells that recorded it."""
+    present = [s for s in STAGES if any(s in (r.get("stage_peak_rss_gib") or {}) for g in groups.values() for r in g)]
+    if not present:
+        return []
+    table = []
+    for (method, label), group in groups.items():
+        row = [method, label]
+        for stage in present:
+            vals = [r["stage_peak_rss_gib"][stage] for r in group if stage in (r.get("stage_peak_rss_gib") or {})]
+            row.append(_fmt(max(vals), 2) if vals else "-")
+        table.append(row)
+    return ["Peak resident memory per stage (GiB, the largest over the row's cells; each stage's own peak, "
+            "measured by resetting Linux's high-water mark at the stage's start). Cells run before stage peaks "
+            "were recorded show -.", "", *_md_table(["method", "allocator", *[f"{s} GiB" for s in present]], table), ""]
+
+
+def _als_overhead_table(records: Sequence[dict]) -> list[str]:
+    """What ALS adds to a pruner: pass 1 (the dense statistics and RM summaries) plus the LP, as a
+    fraction of that pruner's pruning stage. Pass 1 runs on the dense model, so its time is the same
+    whatever the pruner: it is averaged over every default-ALS cell that ran it (a sweep reuses it
+    between cells; a single ``alsparse prune`` pays it once)."""
+    als = [r for r in records if r["kind"] != "dense" and r["label"] == "als" and not r.get("name")]
+    ran_pass1 = [r["timings_s"]["pass1"] for r in als if not r.get("pass1_reused") and "pass1" in r["timings_s"]]
+    if not als or not ran_pass1:
+        return []
+    pass1 = sum(ran_pass1) / len(ran_pass1)
+    table = []
+    for method, group in _groups(als, lambda r: r["config"]["method"]).items():
+        lp = sum(r["timings_s"].get("allocation", 0.0) for r in group) / len(group)
+        prune = sum(r["timings_s"]["prune"] for r in group) / len(group)
+        table.append([method, str(len(group)), _fmt(pass1, 1), _fmt(lp, 2), _fmt(prune, 1),
+                      f"{100 * (pass1 + lp) / prune:.0f}%"])
+    return [f"ALS overhead: pass 1 (mean of {len(ran_pass1)} default-ALS cells that ran it; it runs on the dense "
+            "model, so it is the same for every pruner) plus the LP, against the pruning stage of the same "
+            "pruner's ALS cells.", "",
+            *_md_table(["method", "ALS cells", "pass 1 s", "LP s", "pruning s", "overhead / pruning"], table), ""]
 
 
 # --- figures of chosen cells -------------------------------------------------------------------

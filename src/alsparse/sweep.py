@@ -575,15 +575,16 @@ class _Runner:
         self.pass1 = LRUCache(spec.pass1_cache_entries)
 
     def run(self, cell: Cell) -> dict[str, Any]:
-        _reset_peak_memory(self.device)
+        from .report import peak_rss_window
+
+        _reset_cuda_peak(self.device)
         load_before, cpu_before = _load_average(), _cpu_seconds()
         start = time.perf_counter()
-        record = self._dense(cell) if cell.kind == "dense" else self._pruned(cell)
+        with peak_rss_window() as cell_peak:  # per-cell peak RSS; the stages' peaks are windows inside it
+            record = self._dense(cell) if cell.kind == "dense" else self._pruned(cell)
         record["wall_s"] = time.perf_counter() - start
         record["machine"] = _machine(load_before, _load_average(), _cpu_seconds() - cpu_before, record["wall_s"])
-        from .report import peak_rss_gib
-
-        record["peak_rss_cell_gib"] = peak_rss_gib()
+        record["peak_rss_cell_gib"] = cell_peak[0]
         record["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         gc.collect()
         return record
@@ -600,29 +601,34 @@ class _Runner:
                 "device": self.device}
 
     def _dense(self, cell: Cell) -> dict[str, Any]:
-        from .report import peak_memory, versions
+        from .report import StageTimer, peak_memory, versions
 
-        t0 = time.perf_counter()
-        model, tokenizer = self._load()
-        load_s = time.perf_counter() - t0
-        results, eval_s = self._evaluate(model, tokenizer, cell)
+        timer = StageTimer()
+        with timer("load"):
+            model, tokenizer = self._load()
+        with timer("eval"):
+            results = self._evaluate(model, tokenizer, cell)
         record = self._base_record(cell)
-        record.update(eval=results, achieved_sparsity=0.0, timings_s={"load": load_s, "eval": eval_s}, eval_s=eval_s,
+        record.update(eval=results, achieved_sparsity=0.0, timings_s=dict(timer.timings),
+                      eval_s=timer.timings["eval"], stage_peak_rss_gib=dict(timer.peak_rss_gib),
                       peak_memory=peak_memory(_torch_device(self.device)), versions=versions())
         log.info("dense: %s", _headline(results))
         return record
 
     def _pruned(self, cell: Cell) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        model, tokenizer = self._load()
-        load_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        calibration, info = self._calibration(cell.calibration, model, tokenizer)
-        calib_s = time.perf_counter() - t0
+        from .report import StageTimer
+
+        timer = StageTimer()
+        with timer("load"):
+            model, tokenizer = self._load()
+        with timer("calibration"):
+            calibration, info = self._calibration(cell.calibration, model, tokenizer)
         config = dataclasses.replace(cell.prune, device=self.device)
         hits = self.pass1.hits
         report = prune_(model, calibration, config, calibration_info=info, pass1_cache=self.pass1)
-        results, eval_s = self._evaluate(model, tokenizer, cell)
+        with timer("eval"):
+            results = self._evaluate(model, tokenizer, cell)
+        eval_s = timer.timings["eval"]
         plots = self._plots(cell, report)
         allocation = report.allocation
         record = self._base_record(cell)
@@ -633,7 +639,10 @@ class _Runner:
                         "mean_sparsity": allocation.get("mean_sparsity"), "nm": allocation.get("nm"),
                         **_block_rm(allocation)},
             pass1_reused=self.pass1.hits > hits,
-            timings_s={"load": load_s, "calibration": calib_s, **report.timings_s, "eval": eval_s}, eval_s=eval_s,
+            timings_s={"load": timer.timings["load"], "calibration": timer.timings["calibration"],
+                       **report.timings_s, "eval": eval_s}, eval_s=eval_s,
+            stage_peak_rss_gib={"load": timer.peak_rss_gib["load"], "calibration": timer.peak_rss_gib["calibration"],
+                                **report.stage_peak_rss_gib, "eval": timer.peak_rss_gib["eval"]},
             peak_memory=report.peak_memory, versions=report.versions, plots=plots,
         )
         log.info("%s: achieved sparsity %.4f, %s (prune %.1f s, eval %.1f s)", cell.describe(),
@@ -657,13 +666,11 @@ class _Runner:
             self.calibrations[calib] = (ids, info)
         return self.calibrations[calib]
 
-    def _evaluate(self, model, tokenizer, cell: Cell) -> tuple[dict, float]:
+    def _evaluate(self, model, tokenizer, cell: Cell) -> dict:
         from .eval import EvalConfig, evaluate
 
         model.to(self.device)
-        start = time.perf_counter()
-        results = evaluate(model, tokenizer, EvalConfig(**cell.eval))
-        return results, time.perf_counter() - start
+        return evaluate(model, tokenizer, EvalConfig(**cell.eval))
 
     def _plots(self, cell: Cell, report) -> list[str]:
         """The report's figures under plots_dir/<cell id>/ (written to a temporary folder, then renamed)."""
@@ -736,13 +743,8 @@ def _torch_device(name: str):
     return torch.device(name)
 
 
-def _reset_peak_memory(device: str) -> None:
-    """Per-cell peaks: reset the process's peak RSS (Linux clear_refs) and CUDA's peak counter."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        log.debug("cannot reset the peak RSS; per-cell peaks are process-wide maxima")
+def _reset_cuda_peak(device: str) -> None:
+    """Per-cell peaks on CUDA (the RSS peak is a window around the cell)."""
     import torch
 
     if device.startswith("cuda") and torch.cuda.is_available():

@@ -81,6 +81,8 @@ def test_sweep_2x2_end_to_end_report_and_resume(tiny_model_dir, tmp_path, capsys
         assert len(r["allocation"]["sparsity"]) == 3 and r["config"]["seed"] == 0
         assert {"load", "capture", "pass1", "allocation", "prune", "eval"} <= set(r["timings_s"])
         assert r["eval_s"] > 0 and r["peak_memory"]["peak_rss_gib"] > 0 and r["versions"]["torch"]
+        assert set(r["stage_peak_rss_gib"]) == set(r["timings_s"]) and min(r["stage_peak_rss_gib"].values()) > 0
+        assert r["peak_rss_cell_gib"] >= max(r["stage_peak_rss_gib"].values()), "the cell's peak covers its stages"
         (ppl,) = r["eval"]["token_ppl"].values()
         assert ppl["seq_len"] == 32 and ppl["windows"] == 3 and ppl["split"] == "file"
         assert r["calibration"]["windows"] == 4 and r["calibration"]["fingerprint"]

@@ -142,6 +142,25 @@ def test_zero_shot_ablation_and_cost_tables():
     assert "| wanda | uniform | 1 | 1.0 | 2.0 | 10.0 | 5.0 | 20.0 | 1.25 |" in cost
 
 
+def test_cost_shows_stage_peaks_and_the_als_overhead_per_pruner():
+    als_mag = record(method="magnitude", allocation="als")
+    als_mag["timings_s"] = {"pass1": 30.0, "allocation": 0.5, "prune": 10.0, "eval": 5.0}
+    als_mag["stage_peak_rss_gib"] = {"pass1": 1.5, "prune": 1.2}
+    als_wanda = record(method="wanda", allocation="als", sparsity=0.7)
+    als_wanda["timings_s"] = {"pass1": 0.0, "allocation": 1.5, "prune": 155.0, "eval": 5.0}
+    als_wanda["pass1_reused"] = True  # its 0 s must not dilute the pass-1 mean
+    old = record(method="wanda", allocation="uniform")  # no stage peaks recorded
+    ablation = record(method="wanda", allocation="als", name="feature", varied={"als.feature": "output"},
+                      label="als (feature=output)", sparsity=0.6)
+    ablation["timings_s"]["pass1"] = 500.0  # another feature: not the default ALS pass 1
+    cost = build_report([als_mag, als_wanda, old, ablation], figures=False).markdown.split("## Cost")[1]
+    assert "| magnitude | als | 1.50 | 1.20 |" in cost
+    assert "| wanda | uniform | - | - |" in cost
+    assert "mean of 1 default-ALS cells" in cost
+    assert "| magnitude | 1 | 30.0 | 0.50 | 10.0 | 305% |" in cost  # (30 + 0.5) / 10
+    assert "| wanda | 1 | 30.0 | 1.50 | 155.0 | 20% |" in cost  # (30 + 1.5) / 155
+
+
 def test_write_report_writes_markdown_and_one_figure_per_method(tmp_path):
     records = [record(kind="dense", ppl=19.0)]
     for allocation, values in {"uniform": (40, 80, 600), "als": (38, 70, 560), "owl": (41, 75, 500)}.items():

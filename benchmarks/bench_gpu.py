@@ -148,11 +148,16 @@ def tinyllama_rows(rows: list, args, tmp: Path) -> None:
                                           "params_b": size})
     del model, state
     gc.collect()
+    from_disk_rows(rows, args, tmp, source, "1.1B bf16", ids, size)
+
+
+def from_disk_rows(rows: list, args, tmp: Path, source: Path, name: str, ids, size: float) -> None:
+    """Wanda and SparseGPT under ALS, the blocks streamed from ``source`` onto the device."""
     for method in ("wanda", "sparsegpt"):
-        label = f"1.1B bf16 {method} als, from disk"
+        label = f"{name} {method} als, from disk"
         guarded(rows, label, lambda: {**run_row(label, load_lazy(source, torch.bfloat16), ids,
                                                 config_for(method, "als", args.device, 8),
-                                                checkpoint=BlockCheckpoints(tmp / f"ckpt-{method}")),
+                                                checkpoint=BlockCheckpoints(tmp / f"ckpt-{source.name}-{method}")),
                                       "params_b": size})
 
 
@@ -165,13 +170,7 @@ def llama70_rows(rows: list, args, tmp: Path) -> None:
     size = params_b(model)
     del model
     gc.collect()
-    ids = ids_for(shape, args.nsamples, args.seqlen)
-    for method in ("wanda", "sparsegpt"):
-        label = f"70B-shape 2 blocks bf16 {method} als, from disk"
-        guarded(rows, label, lambda: {**run_row(label, load_lazy(source, torch.bfloat16), ids,
-                                                config_for(method, "als", args.device, 8),
-                                                checkpoint=BlockCheckpoints(tmp / f"ckpt70-{method}")),
-                                      "params_b": size})
+    from_disk_rows(rows, args, tmp, source, "70B-shape 2 blocks bf16", ids_for(shape, args.nsamples, args.seqlen), size)
 
 
 def markdown(result: dict) -> str:

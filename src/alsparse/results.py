@@ -617,10 +617,12 @@ def _stage_peaks_table(groups: Mapping[tuple, list[dict]]) -> list[str]:
         for stage in present:
             vals = [r["stage_peak_rss_gib"][stage] for r in group if stage in (r.get("stage_peak_rss_gib") or {})]
             row.append(_fmt(max(vals), 2) if vals else "-")
-        table.append(row)
-    return ["Peak resident memory per stage (GiB, the largest over the row's cells; each stage's own peak, "
-            "measured by resetting Linux's high-water mark at the stage's start). Cells run before stage peaks "
-            "were recorded show -.", "", *_md_table(["method", "allocator", *[f"{s} GiB" for s in present]], table), ""]
+        if any(v != "-" for v in row[2:]):
+            table.append(row)
+    return ["Peak resident memory per stage (GiB, the largest over the row's cells): Linux's high-water mark is "
+            "reset when a stage starts, so each figure is that stage's own peak, including what the process "
+            "already held (the model, cached statistics). Rows whose cells ran before stage peaks were recorded "
+            "are left out.", "", *_md_table(["method", "allocator", *[f"{s} GiB" for s in present]], table), ""]
 
 
 def _als_overhead_table(records: Sequence[dict]) -> list[str]:

@@ -155,7 +155,7 @@ def test_cost_shows_stage_peaks_and_the_als_overhead_per_pruner():
     ablation["timings_s"]["pass1"] = 500.0  # another feature: not the default ALS pass 1
     cost = build_report([als_mag, als_wanda, old, ablation], figures=False).markdown.split("## Cost")[1]
     assert "| magnitude | als | 1.50 | 1.20 |" in cost
-    assert "| wanda | uniform | - | - |" in cost
+    assert "| wanda | uniform | - | - |" not in cost, "a row with no stage peaks is left out"
     assert "mean of 1 default-ALS cells" in cost
     assert "| magnitude | 1 | 30.0 | 0.50 | 10.0 | 305% |" in cost  # (30 + 0.5) / 10
     assert "| wanda | 1 | 30.0 | 1.50 | 155.0 | 20% |" in cost  # (30 + 1.5) / 155

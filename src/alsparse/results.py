@@ -560,9 +560,26 @@ def timed_alone(record: dict) -> bool:
     return isinstance(machine, dict) and machine.get("busy") is False and not record.get("reused_from")
 
 
+STARVED = 0.75  # a cell whose CPU seconds per wall second fell under this fraction of the sweep's median
+
+
+def _not_starved(records: list[dict]) -> list[dict]:
+    """Drop cells that got markedly less CPU than the sweep's other cells of the same model: other
+    work ran during the cell though the load average was low at its start and end."""
+    kept = []
+    for recs in _groups(records, lambda r: r["config"]["model"]).values():
+        shares = sorted(r["machine"]["cpu_per_wall"] for r in recs if r["machine"].get("cpu_per_wall"))
+        if not shares:
+            kept += recs
+            continue
+        median = shares[len(shares) // 2]
+        kept += [r for r in recs if (r["machine"].get("cpu_per_wall") or median) >= STARVED * median]
+    return kept
+
+
 def _cost_section(pruned: Sequence[dict], dense: Sequence[dict]) -> list[str]:
     everything = list(dense) + list(pruned)
-    records = [r for r in everything if timed_alone(r)]
+    records = _not_starved([r for r in everything if timed_alone(r)])
     if not everything:
         return []
     if not records:
@@ -577,8 +594,10 @@ def _cost_section(pruned: Sequence[dict], dense: Sequence[dict]) -> list[str]:
     left_out = len(everything) - len(records)
     if left_out:
         lines += [f"Only cells timed on an otherwise idle machine are counted: {left_out} of {len(everything)} cells "
-                  "ran beside other work (1-minute load average above the core count + 0.5), before load was "
-                  "recorded, or reused another cell's result; their results stand, their timings are left out.", ""]
+                  "ran beside other work (1-minute load average above the core count + 0.5 at the cell's start or "
+                  f"end, or CPU seconds per wall second under {STARVED:g} x the median of the model's cells), "
+                  "before load was recorded, or reused another cell's result; their results stand, their timings "
+                  "are left out.", ""]
     for model, recs in _groups(records, lambda r: r["config"]["model"]).items():
         lines += [f"### `{model}`", ""]
         groups = _groups(recs, lambda r: ("dense", "-") if r["kind"] == "dense"

@@ -142,6 +142,18 @@ def test_zero_shot_ablation_and_cost_tables():
     assert "| wanda | uniform | 1 | 1.0 | 2.0 | 10.0 | 5.0 | 20.0 | 1.25 |" in cost
 
 
+def test_cost_leaves_out_a_cell_starved_of_cpu_mid_run():
+    records = [record(allocation=a, sparsity=s) for a in ("uniform", "owl") for s in (0.5, 0.6, 0.7)]
+    for r in records:
+        r["machine"] = {"busy": False, "cpu_per_wall": 1.95}
+    records[-1]["machine"]["cpu_per_wall"] = 1.28  # other work between the cell's start and end
+    records[-1]["timings_s"]["prune"] = 99.0
+    cost = build_report(records, figures=False).markdown.split("## Cost")[1]
+    assert "1 of 6 cells ran beside other work" in cost
+    assert "| wanda | owl | 2 |" in cost and "99.0" not in cost
+    assert "| wanda | uniform | 3 |" in cost
+
+
 def test_cost_shows_stage_peaks_and_the_als_overhead_per_pruner():
     als_mag = record(method="magnitude", allocation="als")
     als_mag["timings_s"] = {"pass1": 30.0, "allocation": 0.5, "prune": 10.0, "eval": 5.0}

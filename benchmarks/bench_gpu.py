@@ -204,8 +204,8 @@ def main() -> None:
     args = p.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.dry_run:
-        for name, (hidden, inter, layers, heads, kv, vocab) in SHAPES.items():
-            SHAPES[name] = (64, 128, min(layers, 2), 4, 2, 512)
+        for name, shape in SHAPES.items():
+            SHAPES[name] = (64, 128, min(shape[2], 2), 4, 2, 512)  # hidden, MLP, layers (at most 2), heads, kv, vocab
         args.nsamples, args.seqlen = 4, 64
     import transformers
 

@@ -639,10 +639,8 @@ class _Runner:
                         "mean_sparsity": allocation.get("mean_sparsity"), "nm": allocation.get("nm"),
                         **_block_rm(allocation)},
             pass1_reused=self.pass1.hits > hits,
-            timings_s={"load": timer.timings["load"], "calibration": timer.timings["calibration"],
-                       **report.timings_s, "eval": eval_s}, eval_s=eval_s,
-            stage_peak_rss_gib={"load": timer.peak_rss_gib["load"], "calibration": timer.peak_rss_gib["calibration"],
-                                **report.stage_peak_rss_gib, "eval": timer.peak_rss_gib["eval"]},
+            timings_s=_around(timer.timings, report.timings_s), eval_s=eval_s,
+            stage_peak_rss_gib=_around(timer.peak_rss_gib, report.stage_peak_rss_gib),
             peak_memory=report.peak_memory, versions=report.versions, plots=plots,
         )
         log.info("%s: achieved sparsity %.4f, %s (prune %.1f s, eval %.1f s)", cell.describe(),
@@ -686,6 +684,12 @@ class _Runner:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         return [str(final / n) for n in names]
+
+
+def _around(sweep_stages: Mapping[str, float], prune_stages: Mapping[str, float]) -> dict[str, float]:
+    """A cell's stages in the order they ran: the sweep's load and calibration, prune_'s, the eval."""
+    return {"load": sweep_stages["load"], "calibration": sweep_stages["calibration"], **prune_stages,
+            "eval": sweep_stages["eval"]}
 
 
 def _headline(results: Mapping[str, Any]) -> str:

@@ -299,7 +299,7 @@ def build_report(records: Sequence[dict], sources: Sequence[str] = (), figures: 
     lines = ["# Sweep results", ""] + ([preamble.strip(), ""] if preamble.strip() else []) + [" ".join(intro), ""]
     lines += _ppl_section(main, dense, report if figures else None)
     lines += _zero_shot_section(main, dense, report if figures else None)
-    lines += _ablation_section([r for r in pruned if r.get("name")], dense)
+    lines += _ablation_section([r for r in pruned if r.get("name")], dense, main)
     lines += _cost_section(pruned, dense)
     lines += chosen
     report.markdown = "\n".join(lines).rstrip() + "\n"
@@ -516,7 +516,24 @@ def _base_label(record: dict) -> str:
     return f"{c['allocation']} ({extra})" if extra else c["allocation"]
 
 
-def _ablation_section(records: Sequence[dict], dense: Sequence[dict]) -> list[str]:
+def _uniform_reference(main: Sequence[dict], recs: Sequence[dict], protocol: Protocol) -> str:
+    """The main grid's uniform allocation for each pruner and target of an ablation's cells, under
+    the same protocol, calibration set-up and seeds: the value an allocator option has to beat.
+    Empty where the ablation varies the calibration (no single reference) or none was run."""
+    if len({calibration_key(r) for r in recs}) != 1:
+        return ""
+    seeds = {r["config"].get("seed", 0) for r in recs}
+    found = []
+    for key in _row_sort({row_key(r) for r in recs if r["config"]["allocation"] != "uniform"}):
+        values = [v for r in main if r["config"]["allocation"] == "uniform" and row_key(r) == key
+                  and r["config"]["model"] == recs[0]["config"]["model"] and r["config"].get("seed", 0) in seeds
+                  and calibration_key(r) == calibration_key(recs[0]) for p, v in ppl_values(r) if p == protocol]
+        if values:
+            found.append(f"{row_label(key)} {_fmt(sum(values) / len(values))}")
+    return f" Uniform allocation, same pruner, target and calibration: {', '.join(found)}." if found else ""
+
+
+def _ablation_section(records: Sequence[dict], dense: Sequence[dict], main: Sequence[dict] = ()) -> list[str]:
     if not records:
         return []
     lines = ["## Ablations", ""]
@@ -538,8 +555,9 @@ def _ablation_section(records: Sequence[dict], dense: Sequence[dict]) -> list[st
             lines += [f"### Ablation `{name}`: {protocol.title}", "",
                       (f"Varied: {', '.join(axes) or 'nothing'}. Model `{model}`; "
                        f"{'; '.join(calibrations) if len(calibrations) == 1 else 'calibration as varied'}; "
-                       f"{_seeds_note(recs)}. Dense: {_fmt(reference) if reference is not None else '-'}. "
-                       f"Lower is better; bold = best value in its column."), ""]
+                       f"{_seeds_note(recs)}. Dense: {_fmt(reference) if reference is not None else '-'}."
+                       f"{_uniform_reference(main, recs, protocol)} Lower is better; bold = best value in its column."),
+                      ""]
             rows = [r for r in rows if r != NOT_VARIED] + [r for r in rows if r == NOT_VARIED]
             table = []
             for c in cols:

@@ -138,6 +138,12 @@ def test_zero_shot_ablation_and_cost_tables():
     ablation = markdown.split("### Ablation `delta`")[1].split("##")[0]
     assert "| delta | wanda 60% als |" in ablation
     assert "| delta=0.1 | **37.00** |" in ablation and "| delta=0.3 | 39.00 |" in ablation
+    assert "Uniform allocation" not in ablation  # the main grid has no uniform cell at 60%
+    records += [record(allocation="uniform", sparsity=0.6, ppl=38.0), record(allocation="uniform", sparsity=0.6,
+                                                                              ppl=99.0, nsamples=8),
+                record(allocation="uniform", sparsity=0.6, ppl=77.0, seed=1)]
+    ablation = build_report(records, figures=False).markdown.split("### Ablation `delta`")[1].split("##")[0]
+    assert "Uniform allocation, same pruner, target and calibration: wanda 60% 38.00." in ablation, ablation
     cost = markdown.split("## Cost")[1]
     assert "| wanda | uniform | 1 | 1.0 | 2.0 | 10.0 | 5.0 | 20.0 | 1.25 |" in cost
 

@@ -517,13 +517,51 @@ def plan(spec: SweepSpec, results: Path | None = None) -> tuple[list[Cell], set[
     return list(spec.cells), done
 
 
+class _ResultsFile:
+    """The results file held open (and locked) for a run. Each append first checks that the path
+    still names the file held open: if something replaced or removed it mid-run (``git stash``,
+    ``git checkout``, an editor's save), appending to the old handle would write into a deleted
+    file and lose every later record. Instead it reopens the path and re-appends this run's records
+    that the new file lacks."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.handle, self.records = _open_results(path)
+        self.written: list[Mapping[str, Any]] = []
+
+    def _replaced(self) -> bool:
+        held = os.fstat(self.handle.fileno())
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        if self._replaced():
+            self.handle.close()
+            self.handle, present = _open_results(self.path)
+            ids = {r.get("id") for r in present}
+            missing = [r for r in self.written if r.get("id") not in ids]
+            log.warning("%s was replaced or removed while the sweep ran; reopened it and re-appended the %d "
+                        "record(s) of this run it lacked", self.path, len(missing))
+            for r in missing:
+                append_record(self.handle, r)
+        append_record(self.handle, record)
+        self.written.append(record)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 def run_sweep(spec: SweepSpec, results: Path | None = None, limit_cells: int | None = None,
               keep_going: bool = False, progress: bool = True) -> SweepOutcome:
     """Compute every planned cell that is not yet in the results file (at most ``limit_cells`` of them)."""
     if limit_cells is not None and limit_cells < 1:
         raise SweepConfigError(f"--limit-cells must be >= 1, got {limit_cells}")
     path = Path(results or spec.results or "sweep.results.jsonl")
-    handle, records = _open_results(path)
+    results_file = _ResultsFile(path)
+    records = results_file.records
     try:
         done = {r["id"] for r in records}
         by_work = {_work_key(r["config"], r["eval_config"]): r for r in records if "eval_config" in r}
@@ -540,7 +578,7 @@ def run_sweep(spec: SweepSpec, results: Path | None = None, limit_cells: int | N
             for cell in batch:
                 bar.set_postfix_str(cell.describe(), refresh=True)
                 if cell.work_key in by_work:  # the same work under another name: copy, do not redo
-                    append_record(handle, _reused(cell, by_work[cell.work_key]))
+                    results_file.append(_reused(cell, by_work[cell.work_key]))
                     outcome.computed.append(cell.id)
                     bar.update(1)
                     continue
@@ -553,7 +591,7 @@ def run_sweep(spec: SweepSpec, results: Path | None = None, limit_cells: int | N
                               type(exc).__name__, exc)
                     outcome.failed.append(cell.id)
                 else:
-                    append_record(handle, record)
+                    results_file.append(record)
                     by_work[cell.work_key] = record
                     outcome.computed.append(cell.id)
                 bar.update(1)
@@ -562,7 +600,7 @@ def run_sweep(spec: SweepSpec, results: Path | None = None, limit_cells: int | N
         outcome.remaining = len(todo) - len(outcome.computed)
         return outcome
     finally:
-        handle.close()
+        results_file.close()
 
 
 class _Runner:

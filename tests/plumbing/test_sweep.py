@@ -5,7 +5,10 @@ protocols never mixed, and the SmolLM2 grid file."""
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +68,8 @@ def test_sweep_2x2_end_to_end_report_and_resume(tiny_model_dir, tmp_path, capsys
     results = tmp_path / "out" / "results.jsonl"
     calls = _count_prunes(monkeypatch)
     monkeypatch.setattr("alsparse.sweep._load_average", lambda: 0.5)  # an idle machine: timings count
+    # and a full share of CPU for every cell (else a cell slowed by other work leaves the cost table)
+    monkeypatch.setattr("alsparse.sweep._cpu_seconds", time.perf_counter)
 
     assert main(["sweep", str(config), "--results", str(results)]) == 0
     captured = capsys.readouterr()
@@ -493,3 +498,29 @@ def test_report_preamble_and_regenerate_command(tmp_path, capsys):
     assert main(["report", str(results), "--out", str(out), "--preamble", str(tmp_path / "missing.md")]) == 2
     assert "cannot read the preamble" in capsys.readouterr().err
     assert (out / "RESULTS.md").read_text() == markdown  # the earlier report is untouched
+
+
+def test_a_results_file_replaced_mid_run_loses_no_record(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """``git stash`` / ``git checkout`` replace the file a running sweep appends to: the sweep must
+    notice, reopen the path and re-append this run's records that the new file lacks."""
+    grid = [{"methods": "magnitude", "allocations": "uniform", "sparsities": [0.3, 0.5, 0.7]}]
+    spec = sweep.parse_spec(_config(tiny_model_dir, grid=grid))
+    results = tmp_path / "results.jsonl"
+    run, ran = sweep._Runner.run, []
+
+    def run_then_replace(self, cell):
+        record = run(self, cell)
+        ran.append(cell.id)
+        if len(ran) == 3:  # dense and the first pruned cell are in the file: put back an older version of it
+            older = results.read_text().splitlines(keepends=True)[:1]
+            tmp = tmp_path / "older.jsonl"
+            tmp.write_text("".join(older))
+            os.replace(tmp, results)
+        return record
+
+    monkeypatch.setattr(sweep._Runner, "run", run_then_replace)
+    with caplog.at_level(logging.WARNING):
+        outcome = sweep.run_sweep(spec, results=results, progress=False)
+    assert len(outcome.computed) == 4 and "re-appended the 1 record(s)" in caplog.text
+    ids = [r["id"] for r in _lines(results)]
+    assert sorted(ids) == sorted(ran) and len(set(ids)) == 4

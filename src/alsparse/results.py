@@ -222,7 +222,7 @@ def _pivot(records: Sequence[dict], value: Callable[[dict], float | None], row: 
         if v is None:
             continue
         cells.setdefault((row(r), col(r)), Stat()).add(r["config"].get("seed", 0), v)
-    rows = [k[0] for k in cells]
+    rows = list(dict.fromkeys(k[0] for k in cells))  # each row once, though several columns fill it
     cols = _columns(k[1] for k in cells)
     return rows, cols, cells
 

@@ -144,6 +144,12 @@ def test_zero_shot_ablation_and_cost_tables():
                 record(allocation="uniform", sparsity=0.6, ppl=77.0, seed=1)]
     ablation = build_report(records, figures=False).markdown.split("### Ablation `delta`")[1].split("##")[0]
     assert "Uniform allocation, same pruner, target and calibration: wanda 60% 38.00." in ablation, ablation
+    calib = [record(allocation=a, name="calib_size", varied={"calibration.nsamples": n}, nsamples=n, sparsity=0.6,
+                    ppl=p + n) for a, p in (("uniform", 70.0), ("als", 110.0)) for n in (8, 16)]
+    ablation = build_report(calib, figures=False).markdown.split("### Ablation `calib_size`")[1]
+    assert _rows(ablation, "| nsamples=") == ["| nsamples=8 | **78.00** | **118.00** |",
+                                              "| nsamples=16 | 86.00 | 126.00 |"]  # each row once, both columns
+    assert "Uniform allocation" not in ablation  # the calibration varies: no single reference
     cost = markdown.split("## Cost")[1]
     assert "| wanda | uniform | 1 | 1.0 | 2.0 | 10.0 | 5.0 | 20.0 | 1.25 |" in cost
 

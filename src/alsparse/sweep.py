@@ -154,7 +154,11 @@ def load_spec(path: str | os.PathLike[str]) -> SweepSpec:
 
 
 def parse_spec(raw: Any) -> SweepSpec:
-    """Validate a parsed YAML mapping and expand its grid into cells (dense cells first)."""
+    """Validate a parsed YAML mapping and expand its grid into cells, in YAML order.
+
+    One dense cell per evaluation set-up, placed just before the first pruned cell evaluated that way, so
+    an entry at the end of the grid (say, a costlier evaluation) does not delay the others.
+    """
     from .sources import DTYPES
 
     if not isinstance(raw, dict):
@@ -188,9 +192,11 @@ def parse_spec(raw: Any) -> SweepSpec:
         cells.extend(_expand_entry(entry, f"grid[{i}]", model, dtype, batch_size, offload, calibration, eval_base))
     if not isinstance(raw.get("dense", True), bool):
         raise SweepConfigError(f"dense must be true or false, got {raw['dense']!r}")
-    dense = [Cell("dense", model, dtype, ev) for ev in _unique(c.eval for c in cells)] if raw.get("dense", True) else []
     unique: dict[str, Cell] = {}
-    for cell in dense + cells:
+    for cell in cells:
+        if raw.get("dense", True):  # each evaluation set-up's dense cell runs just before its first pruned cell
+            dense = Cell("dense", model, dtype, cell.eval)
+            unique.setdefault(dense.id, dense)
         unique.setdefault(cell.id, cell)
     return SweepSpec(
         model=model, cells=tuple(unique.values()), dtype=dtype, device=device, batch_size=batch_size, offload=offload,
@@ -199,14 +205,6 @@ def parse_spec(raw: Any) -> SweepSpec:
         results=Path(raw["results"]) if raw.get("results") else None,
         pass1_cache_entries=cache_entries,
     )
-
-
-def _unique(items) -> list:
-    out: list = []
-    for item in items:
-        if item not in out:
-            out.append(item)
-    return out
 
 
 def _check_keys(section: Mapping, allowed: tuple[str, ...], where: str) -> None:

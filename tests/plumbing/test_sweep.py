@@ -283,6 +283,11 @@ def test_smollm2_grid_file_plans_the_issue_grid():
     spec = sweep.load_spec(REPO / "benchmarks" / "sweeps" / "smollm2.yaml")
     assert spec.model == "smollm2-135m"
     pruned = [c for c in spec.cells if c.kind == "pruned"]
+    full_test = [c for c in pruned if c.eval["limit"] is None]  # the whole test set, time permitting: last
+    assert {(c.prune.method, c.allocator_label, c.prune.sparsity) for c in full_test} == {
+        ("wanda", "uniform", 0.5), ("wanda", "als", 0.5)} and list(spec.cells[-len(full_test) - 1:]) == [
+        sweep.Cell("dense", spec.model, spec.dtype, full_test[0].eval)] + full_test
+    pruned = [c for c in pruned if c not in full_test]
     main_grid = [c for c in pruned if c.name is None and c.prune.pattern == "unstructured" and c.prune.seed == 0]
     combos = {(c.prune.method, c.allocator_label, c.prune.sparsity) for c in main_grid}
     labels = {"uniform", "owl", "dlp", "alphapruning", "atp", "als", "als (solver=qp)"}
@@ -310,7 +315,9 @@ def test_dense_cells_one_per_evaluation_unless_turned_off(tiny_model_dir):
     cfg["grid"].append({"methods": "magnitude", "allocations": "uniform", "sparsities": 0.5, "eval": {"limit": 2}})
     spec = sweep.parse_spec(cfg)
     dense = [c for c in spec.cells if c.kind == "dense"]
-    assert [c.eval["limit"] for c in dense] == [3, 2] and spec.cells[:2] == tuple(dense)
+    assert [c.eval["limit"] for c in dense] == [3, 2]
+    # each dense cell runs just before the first cell evaluated its way, not all of them first
+    assert spec.cells[0] == dense[0] and spec.cells[-2:] == (dense[1], spec.cells[-1])
     assert not [c for c in sweep.parse_spec({**cfg, "dense": False}).cells if c.kind == "dense"]
     with pytest.raises(sweep.SweepConfigError, match="dense must be true or false"):
         sweep.parse_spec({**cfg, "dense": "no"})

@@ -164,6 +164,7 @@ def allocate(model: nn.Module, config: PruneConfig, data: dict[str, Any]) -> All
     sparsity, diagnostics = allocator.fn(AllocationContext(model, config, units, data))
     sparsity = [float(s) for s in sparsity]
     _check_range(sparsity, units, config.allocation)
+    _warn_near_total(sparsity, units, config)
     allocation = Allocation(units, sparsity, diagnostics)
     pattern = config.parsed_pattern
     if pattern.is_nm:
@@ -176,6 +177,24 @@ def _check_range(sparsity: list[float], units: list[Unit], name: str) -> None:
     for s, unit in zip(sparsity, units):
         if not (0 <= s < 1) or s != s:
             raise ValueError(f"allocator {name!r} gave sparsity {s} to {unit.name}; allowed range is [0, 1)")
+
+
+NEAR_TOTAL = 0.95  # a unit allocated this much (or more) is all but removed
+
+
+def _warn_near_total(sparsity: list[float], units: list[Unit], config: PruneConfig) -> None:
+    """Say so when an allocator all but removes a unit the target did not ask to remove."""
+    if config.sparsity >= NEAR_TOTAL:
+        return
+    hit = [(unit.name, s) for s, unit in zip(sparsity, units) if s >= NEAR_TOTAL]
+    if not hit:
+        return
+    examples = ", ".join(f"{name} {s:.2f}" for name, s in hit[:3])
+    hint = (" (ALS: the bounds are target +- delta, and at component level the block's own ratio +- delta;"
+            " a smaller delta or block level keeps units away from the cap)" if config.allocation == "als" else "")
+    log.warning("allocation %s puts %d of %d units at >= %.0f%% sparsity (target %.0f%%), e.g. %s: "
+                "such layers are all but removed and perplexity usually collapses%s",
+                config.allocation, len(hit), len(units), NEAR_TOTAL * 100, config.sparsity * 100, examples, hint)
 
 
 def _to_nm(allocation: Allocation, pattern: Pattern) -> None:

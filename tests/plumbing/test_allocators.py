@@ -72,6 +72,21 @@ def test_als_allocation_is_non_uniform_and_reported(tmp_path):
     assert {"capture", "pass1", "allocation", "prune"} <= set(report.timings_s)
 
 
+def test_a_unit_allocated_near_total_sparsity_is_warned_about(tmp_path, caplog):
+    ids = torch.randint(1, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    file = tmp_path / "alloc.json"
+    for mapping, warned in (({"0": 0.3, "1": 0.97, "2": 0.5}, True), ({"0": 0.3, "1": 0.9, "2": 0.5}, False)):
+        file.write_text(json.dumps(mapping))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="alsparse.allocate"):
+            prune_(make_tiny("llama"), ids, PruneConfig(method="magnitude", sparsity=0.5, allocation="file",
+                                                         allocation_file=str(file)))
+        text = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+        assert ("units at >= 95% sparsity" in text) == warned, text
+        if warned:
+            assert "1 of 3 units" in text and "model.layers.1 0.97" in text
+
+
 def test_allocation_file_missing_entry_is_clear(tmp_path):
     file = tmp_path / "a.yaml"
     file.write_text("0: 0.5\n1: 0.5\n")

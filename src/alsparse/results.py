@@ -229,10 +229,14 @@ def _pivot(records: Sequence[dict], value: Callable[[dict], float | None], row: 
 
 def _pivot_lines(rows: list, cols: list[str], cells: dict, row_text: Callable[[Any], str], lower_is_better: bool,
                  scale: float = 1.0, digits: int = 2) -> list[str]:
-    """Markdown rows: best mean per row in bold, delta to the uniform column in parentheses."""
+    """Markdown rows: best mean per row in bold (every value that ties with it as printed), delta to the
+    uniform column in parentheses."""
+    def shown(v: float) -> float:  # compare what the table prints: 43.625 and 43.62499999 are one value
+        return round(v * scale, digits)
+
     out = []
     for r in rows:
-        present = [cells[(r, c)].mean for c in cols if (r, c) in cells]
+        present = [shown(cells[(r, c)].mean) for c in cols if (r, c) in cells]
         finite = [v for v in present if not math.isnan(v)]
         best = (min(finite) if lower_is_better else max(finite)) if finite else None
         uniform = cells.get((r, "uniform"))
@@ -243,7 +247,7 @@ def _pivot_lines(rows: list, cols: list[str], cells: dict, row_text: Callable[[A
                 line.append("")
                 continue
             delta = stat.mean - uniform.mean if uniform is not None and c != "uniform" else None
-            bold = best is not None and len(set(finite)) > 1 and stat.mean == best
+            bold = best is not None and len(set(finite)) > 1 and shown(stat.mean) == best
             line.append(_stat_text(stat, bold, delta, scale, digits))
         out.append(line)
     return out

@@ -94,6 +94,15 @@ def test_ppl_table_seeds_bold_and_delta():
     assert [line.split(" | ")[0] for line in table[:3]] == ["| wanda 50%", "| wanda 70%", "| wanda 2:4"]
 
 
+def test_values_that_print_alike_are_bold_alike():
+    # two means of the same percentages summed in another order differ in the last bit, and print the same
+    records = [record(allocation="uniform", ppl=40.0), record(allocation="als", ppl=30.3),
+               record(allocation="owl", ppl=30.3 + 1e-12)]
+    assert records[1]["eval"]["token_ppl"]["wikitext2"]["ppl"] != records[2]["eval"]["token_ppl"]["wikitext2"]["ppl"]
+    markdown = build_report(records, figures=False).markdown
+    assert _rows(markdown, "| wanda 50% |") == ["| wanda 50% | 40.00 | **30.30** (-9.70) | **30.30** (-9.70) |"]
+
+
 def test_protocols_and_calibrations_are_never_mixed():
     records = [
         record(kind="dense", ppl=19.0), record(kind="dense", ppl=21.0, seq_len=512, windows=80),

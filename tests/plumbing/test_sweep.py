@@ -162,11 +162,12 @@ def test_limit_cells_and_dry_run(tiny_model_dir, tmp_path, capsys):
 
 
 def _expected_row(label: str, uniform: float, other: float) -> str:
-    """A perplexity table row: lowest in bold, the other column's difference to uniform in parentheses."""
+    """A perplexity table row: lowest as printed in bold (a tie: neither), the other column's difference to
+    uniform in parentheses."""
     u_text, o_text = f"{uniform:.2f}", f"{other:.2f}"
-    if uniform < other:
+    if round(uniform, 2) < round(other, 2):
         u_text = f"**{u_text}**"
-    elif other < uniform:
+    elif round(other, 2) < round(uniform, 2):
         o_text = f"**{o_text}**"
     return f"| {label} | {u_text} | {o_text} ({other - uniform:+.2f}) |"
 

@@ -189,6 +189,11 @@ class Stat:
     def half_range(self) -> float:
         return (self.hi - self.lo) / 2
 
+    def mean_over(self, seeds: set[int] | frozenset[int]) -> float:
+        """Mean over the given seeds (those this cell has); over all its seeds when none of them is given."""
+        values = [v for s, v in self.by_seed.items() if s in seeds] or list(self.by_seed.values())
+        return sum(values) / len(values)
+
 
 def _fmt(x: float, digits: int = 2) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -229,25 +234,33 @@ def _pivot(records: Sequence[dict], value: Callable[[dict], float | None], row: 
 
 def _pivot_lines(rows: list, cols: list[str], cells: dict, row_text: Callable[[Any], str], lower_is_better: bool,
                  scale: float = 1.0, digits: int = 2) -> list[str]:
-    """Markdown rows: best mean per row in bold (every value that ties with it as printed), delta to the
-    uniform column in parentheses."""
+    """Markdown rows: each cell prints its mean over the seeds it has. Like is compared with like: the best
+    of a row (bold, with every value that ties with it as printed) is judged on the calibration seeds every
+    cell of the row has, and the delta to the uniform column in parentheses is taken over the seeds the
+    cell shares with uniform. So one seed-0 cell is compared with uniform's seed 0, not with uniform's mean
+    over two seeds (a seed-to-seed swing is not an allocator's gain)."""
     def shown(v: float) -> float:  # compare what the table prints: 43.625 and 43.62499999 are one value
         return round(v * scale, digits)
 
     out = []
     for r in rows:
-        present = [shown(cells[(r, c)].mean) for c in cols if (r, c) in cells]
-        finite = [v for v in present if not math.isnan(v)]
+        stats = {c: cells[(r, c)] for c in cols if (r, c) in cells}
+        common = frozenset.intersection(*(frozenset(st.by_seed) for st in stats.values())) if stats else frozenset()
+        judged = {c: shown(st.mean_over(common)) for c, st in stats.items()}
+        finite = [v for v in judged.values() if not math.isnan(v)]
         best = (min(finite) if lower_is_better else max(finite)) if finite else None
         uniform = cells.get((r, "uniform"))
         line = [row_text(r)]
         for c in cols:
-            stat = cells.get((r, c))
+            stat = stats.get(c)
             if stat is None:
                 line.append("")
                 continue
-            delta = stat.mean - uniform.mean if uniform is not None and c != "uniform" else None
-            bold = best is not None and len(set(finite)) > 1 and shown(stat.mean) == best
+            delta = None
+            if uniform is not None and c != "uniform":
+                shared = frozenset(stat.by_seed) & frozenset(uniform.by_seed)
+                delta = stat.mean_over(shared) - uniform.mean_over(shared) if shared else None
+            bold = best is not None and len(set(finite)) > 1 and judged[c] == best
             line.append(_stat_text(stat, bold, delta, scale, digits))
         out.append(line)
     return out
@@ -297,7 +310,10 @@ def build_report(records: Sequence[dict], sources: Sequence[str] = (), figures: 
     if versions:
         intro.append(f"alsparse {', '.join(versions)}.")
     intro.append("Every table is one model, one evaluation protocol and one calibration set-up; bold = best in its "
-                 "row; (+x.xx) after a number = its difference to the uniform allocation in the same row.")
+                 "row; (+x.xx) after a number = its difference to the uniform allocation in the same row. Where "
+                 "cells of a row have different calibration seeds, like is compared with like: the best of a row "
+                 "is judged on the seeds all its cells have, and a delta is taken over the seeds the cell shares "
+                 "with uniform (a cell with seed 0 only is compared with uniform's seed 0, not with its mean).")
     if command:
         intro.append(f"Regenerate this file with `{command}`.")
     lines = ["# Sweep results", ""] + ([preamble.strip(), ""] if preamble.strip() else []) + [" ".join(intro), ""]
@@ -599,6 +615,18 @@ def _not_starved(records: list[dict]) -> list[dict]:
     return kept
 
 
+def _eval_setup(record: dict) -> str:
+    """What a cell's evaluation stage did, in short: its cost depends on it (291 windows take 7x 40)."""
+    ev = record.get("eval") or {}
+    parts = [f"{v.get('windows')} x {v.get('seq_len')} windows" for v in (ev.get("token_ppl") or {}).values()]
+    parts += [f"word-ppl {v.get('documents')} docs" for v in (ev.get("word_ppl") or {}).values()]
+    tasks = ev.get("tasks") or {}
+    if tasks:
+        sizes = sorted({t.get("n") for t in tasks.values() if isinstance(t, dict) and t.get("n") is not None})
+        parts.append(f"{len(tasks)} tasks" + (f" x {'/'.join(map(str, sizes))}" if sizes else ""))
+    return " + ".join(parts) or "-"
+
+
 def _cost_section(pruned: Sequence[dict], dense: Sequence[dict]) -> list[str]:
     everything = list(dense) + list(pruned)
     records = _not_starved([r for r in everything if timed_alone(r)])
@@ -609,7 +637,8 @@ def _cost_section(pruned: Sequence[dict], dense: Sequence[dict]) -> list[str]:
                 "other work or before load was recorded), so there is no cost table.", ""]
     present = [s for s in STAGES if any(s in (r.get("timings_s") or {}) for r in records)]
     lines = ["## Cost", "",
-             ("Mean wall seconds per cell and stage; pass 1 averaged over the cells that ran it (the others reused "
+             ("Mean wall seconds per cell and stage, for each pruner, allocator and evaluation set-up (windows x "
+              "tokens of perplexity, zero-shot tasks x items: the evaluation stage's cost depends on it); pass 1 averaged over the cells that ran it (the others reused "
               "the dense statistics of an earlier cell with the same calibration); total = the whole cell (load to "
               "evaluation); peak RSS = the largest per-cell peak resident memory of the sweep process (GiB, includes "
               "what the sweep keeps between cells)."), ""]
@@ -622,11 +651,11 @@ def _cost_section(pruned: Sequence[dict], dense: Sequence[dict]) -> list[str]:
                   "are left out.", ""]
     for model, recs in _groups(records, lambda r: r["config"]["model"]).items():
         lines += [f"### `{model}`", ""]
-        groups = _groups(recs, lambda r: ("dense", "-") if r["kind"] == "dense"
-                         else (r["config"]["method"], r["label"]))
+        groups = _groups(recs, lambda r: ("dense", "-", _eval_setup(r)) if r["kind"] == "dense"
+                         else (r["config"]["method"], r["label"], _eval_setup(r)))
         table = []
-        for (method, label), group in groups.items():
-            row = [method, label, str(len(group))]
+        for key, group in groups.items():
+            row = [*key, str(len(group))]
             for stage in present:
                 pool = group
                 if stage == "pass1":
@@ -639,8 +668,8 @@ def _cost_section(pruned: Sequence[dict], dense: Sequence[dict]) -> list[str]:
             peaks = [p for p in peaks if p is not None]
             row.append(_fmt(max(peaks), 2) if peaks else "-")
             table.append(row)
-        lines += _md_table(["method", "allocator", "cells", *[f"{s} s" for s in present], "total s", "peak RSS GiB"],
-                           table)
+        lines += _md_table(["method", "allocator", "evaluation", "cells", *[f"{s} s" for s in present], "total s",
+                            "peak RSS GiB"], table)
         lines.append("")
         lines += _stage_peaks_table(groups)
         lines += _als_overhead_table(recs)
@@ -653,17 +682,18 @@ def _stage_peaks_table(groups: Mapping[tuple, list[dict]]) -> list[str]:
     if not present:
         return []
     table = []
-    for (method, label), group in groups.items():
-        row = [method, label]
+    for key, group in groups.items():
+        row = list(key)
         for stage in present:
             vals = [r["stage_peak_rss_gib"][stage] for r in group if stage in (r.get("stage_peak_rss_gib") or {})]
             row.append(_fmt(max(vals), 2) if vals else "-")
-        if any(v != "-" for v in row[2:]):
+        if any(v != "-" for v in row[len(key):]):
             table.append(row)
     return ["Peak resident memory per stage (GiB, the largest over the row's cells): Linux's high-water mark is "
             "reset when a stage starts, so each figure is that stage's own peak, including what the process "
             "already held (the model, cached statistics). Rows whose cells ran before stage peaks were recorded "
-            "are left out.", "", *_md_table(["method", "allocator", *[f"{s} GiB" for s in present]], table), ""]
+            "are left out.", "", *_md_table(["method", "allocator", "evaluation", *[f"{s} GiB" for s in present]], table),
+            ""]
 
 
 def _als_overhead_table(records: Sequence[dict]) -> list[str]:

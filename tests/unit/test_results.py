@@ -87,11 +87,28 @@ def test_ppl_table_seeds_bold_and_delta():
     header = _rows(markdown, "| method / sparsity |")[0]
     assert header == "| method / sparsity | uniform | als | owl |"  # uniform first, then as they appear
     assert _rows(markdown, "| wanda 50% |") == [
-        "| wanda 50% | 41.00 ± 1.00 | **38.50** ± 0.50 (-2.50) | 41.50 (+0.50) |"]
+        "| wanda 50% | 41.00 ± 1.00 | **38.50** ± 0.50 (-2.50) | 41.50 (+1.50) |"]  # owl: seed 0 vs uniform's seed 0
     assert _rows(markdown, "| wanda 70% |") == ["| wanda 70% | 600.00 | 650.00 (+50.00) | **550.00** (-50.00) |"]
     assert _rows(markdown, "| wanda 2:4 |") == ["| wanda 2:4 | **90.00** | 95.00 (+5.00) |  |"]
     table = [line for line in markdown.splitlines() if line.startswith("| wanda")]
     assert [line.split(" | ")[0] for line in table[:3]] == ["| wanda 50%", "| wanda 70%", "| wanda 2:4"]
+
+
+def test_cells_with_fewer_seeds_are_compared_on_the_seeds_they_share():
+    # ATP's search picked beta = 0 (uniform) for seed 0 only; uniform has a second, worse seed. Against
+    # uniform's two-seed mean ATP would look 2.50 better and be the row's lone best: a seed swing, not a gain.
+    records = [record(allocation="uniform", seed=0, ppl=95.0), record(allocation="uniform", seed=1, ppl=100.0),
+               record(allocation="atp", seed=0, ppl=95.0),
+               record(allocation="owl", seed=0, ppl=102.0), record(allocation="owl", seed=1, ppl=104.0),
+               record(allocation="dlp", seed=1, ppl=99.0)]
+    markdown = build_report(records, figures=False).markdown
+    # no seed is common to the whole row (dlp has only seed 1): the row falls back to each cell's mean
+    assert _rows(markdown, "| wanda 50% |") == [
+        "| wanda 50% | 97.50 ± 2.50 | **95.00** (+0.00) | 103.00 ± 1.00 (+5.50) | 99.00 (-1.00) |"]
+    without_dlp = build_report(records[:-1], figures=False).markdown
+    assert _rows(without_dlp, "| wanda 50% |") == [  # judged on seed 0: uniform and atp tie at 95.00
+        "| wanda 50% | **97.50** ± 2.50 | **95.00** (+0.00) | 103.00 ± 1.00 (+5.50) |"]
+    assert "compared with uniform's seed 0, not with its mean" in markdown
 
 
 def test_values_that_print_alike_are_bold_alike():
@@ -160,7 +177,7 @@ def test_zero_shot_ablation_and_cost_tables():
                                               "| nsamples=16 | 86.00 | 126.00 |"]  # each row once, both columns
     assert "Uniform allocation" not in ablation  # the calibration varies: no single reference
     cost = markdown.split("## Cost")[1]
-    assert "| wanda | uniform | 1 | 1.0 | 2.0 | 10.0 | 5.0 | 20.0 | 1.25 |" in cost
+    assert "| wanda | uniform | 40 x 1024 windows + 2 tasks x 100 | 1 | 1.0 | 2.0 | 10.0 | 5.0 | 20.0 | 1.25 |" in cost
 
 
 def test_cost_leaves_out_a_cell_starved_of_cpu_mid_run():
@@ -171,8 +188,8 @@ def test_cost_leaves_out_a_cell_starved_of_cpu_mid_run():
     records[-1]["timings_s"]["prune"] = 99.0
     cost = build_report(records, figures=False).markdown.split("## Cost")[1]
     assert "1 of 6 cells ran beside other work" in cost
-    assert "| wanda | owl | 2 |" in cost and "99.0" not in cost
-    assert "| wanda | uniform | 3 |" in cost
+    assert "| wanda | owl | 40 x 1024 windows | 2 |" in cost and "99.0" not in cost
+    assert "| wanda | uniform | 40 x 1024 windows | 3 |" in cost
 
 
 def test_cost_shows_stage_peaks_and_the_als_overhead_per_pruner():
@@ -187,8 +204,8 @@ def test_cost_shows_stage_peaks_and_the_als_overhead_per_pruner():
                       label="als (feature=output)", sparsity=0.6)
     ablation["timings_s"]["pass1"] = 500.0  # another feature: not the default ALS pass 1
     cost = build_report([als_mag, als_wanda, old, ablation], figures=False).markdown.split("## Cost")[1]
-    assert "| magnitude | als | 1.50 | 1.20 |" in cost
-    assert "| wanda | uniform | - | - |" not in cost, "a row with no stage peaks is left out"
+    assert "| magnitude | als | 40 x 1024 windows | 1.50 | 1.20 |" in cost
+    assert "| wanda | uniform | 40 x 1024 windows | - | - |" not in cost, "a row with no stage peaks is left out"
     assert "mean of 1 default-ALS cells" in cost
     assert "| magnitude | 1 | 30.0 | 0.50 | 10.0 | 305% |" in cost  # (30 + 0.5) / 10
     assert "| wanda | 1 | 30.0 | 1.50 | 155.0 | 20% |" in cost  # (30 + 1.5) / 155
@@ -216,3 +233,15 @@ def test_lru_cache_evicts_the_least_recently_used_and_counts_hits():
     assert cache.get("a") == 1 and cache.hits == 1
     cache["c"] = 3
     assert set(cache) == {"a", "c"} and cache.get("b") is None and cache.hits == 1
+
+
+def test_cost_keeps_evaluation_set_ups_apart():
+    # a whole-test-set evaluation takes 7x the 40-window one: averaging them would misstate both
+    short, full = record(allocation="uniform"), record(allocation="uniform", windows=291, sparsity=0.6)
+    full["timings_s"]["eval"] = 35.0
+    tasks = record(allocation="uniform", sparsity=0.7, tasks={"piqa": 0.6, "boolq": 0.5})
+    tasks["timings_s"]["eval"] = 50.0
+    cost = build_report([short, full, tasks], figures=False).markdown.split("## Cost")[1]
+    assert "| wanda | uniform | 40 x 1024 windows | 1 | 1.0 | 2.0 | 10.0 | 5.0 | 20.0 | 1.25 |" in cost
+    assert "| wanda | uniform | 291 x 1024 windows | 1 | 1.0 | 2.0 | 10.0 | 35.0 | 20.0 | 1.25 |" in cost
+    assert "| wanda | uniform | 40 x 1024 windows + 2 tasks x 100 | 1 | 1.0 | 2.0 | 10.0 | 50.0 | 20.0 | 1.25 |" in cost

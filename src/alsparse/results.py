@@ -638,10 +638,10 @@ def _cost_section(pruned: Sequence[dict], dense: Sequence[dict]) -> list[str]:
     present = [s for s in STAGES if any(s in (r.get("timings_s") or {}) for r in records)]
     lines = ["## Cost", "",
              ("Mean wall seconds per cell and stage, for each pruner, allocator and evaluation set-up (windows x "
-              "tokens of perplexity, zero-shot tasks x items: the evaluation stage's cost depends on it); pass 1 averaged over the cells that ran it (the others reused "
-              "the dense statistics of an earlier cell with the same calibration); total = the whole cell (load to "
-              "evaluation); peak RSS = the largest per-cell peak resident memory of the sweep process (GiB, includes "
-              "what the sweep keeps between cells)."), ""]
+              "tokens of perplexity, zero-shot tasks x items: the evaluation stage's cost depends on it); pass 1 "
+              "averaged over the cells that ran it (the others reused the dense statistics of an earlier cell with "
+              "the same calibration); total = the whole cell (load to evaluation); peak RSS = the largest per-cell "
+              "peak resident memory of the sweep process (GiB, includes what the sweep keeps between cells)."), ""]
     left_out = len(everything) - len(records)
     if left_out:
         lines += [f"Only cells timed on an otherwise idle machine are counted: {left_out} of {len(everything)} cells "
@@ -692,8 +692,8 @@ def _stage_peaks_table(groups: Mapping[tuple, list[dict]]) -> list[str]:
     return ["Peak resident memory per stage (GiB, the largest over the row's cells): Linux's high-water mark is "
             "reset when a stage starts, so each figure is that stage's own peak, including what the process "
             "already held (the model, cached statistics). Rows whose cells ran before stage peaks were recorded "
-            "are left out.", "", *_md_table(["method", "allocator", "evaluation", *[f"{s} GiB" for s in present]], table),
-            ""]
+            "are left out.", "",
+            *_md_table(["method", "allocator", "evaluation", *[f"{s} GiB" for s in present]], table), ""]
 
 
 def _als_overhead_table(records: Sequence[dict]) -> list[str]:

@@ -110,7 +110,7 @@ def test_sweep_2x2_end_to_end_report_and_resume(tiny_model_dir, tmp_path, capsys
     for sparsity, label in ((0.5, "wanda 50%"), (0.7, "wanda 70%")):
         uniform, als = _ppl(pruned[("uniform", sparsity)]), _ppl(pruned[("als", sparsity)])
         assert _expected_row(label, uniform, als) in markdown.splitlines()
-    assert "| wanda | als (tokens=32) | 3 x 32 windows | 2 |" in markdown  # the cost table: two cells per method/allocator
+    assert "| wanda | als (tokens=32) | 3 x 32 windows | 2 |" in markdown  # cost: two cells per method/allocator
     machine = records[1]["machine"]
     assert machine["busy"] is False and machine["load_1m_start"] == 0.5 and machine["cpu_s"] > 0
     # cells timed beside other work keep their results but leave the cost table
@@ -353,7 +353,7 @@ def test_an_ablation_default_reuses_the_main_grid_cell(tiny_model_dir, tmp_path,
     assert _ppl(copy) == _ppl(main_cell) and copy["varied"] == {"als.delta": 0.2}
     assert "reused_from" not in records[("delta", "als (delta=0.1, tokens=32)")]
     markdown = build_report(list(records.values()), figures=False).markdown
-    assert "| wanda | als (tokens=32) | 3 x 32 windows | 1 |" in markdown  # the copy is not counted twice in the cost table
+    assert "| wanda | als (tokens=32) | 3 x 32 windows | 1 |" in markdown  # the copy is not counted twice in cost
 
 
 def _md_images(markdown: str) -> list[str]:

@@ -249,7 +249,7 @@ def _pivot_lines(rows: list, cols: list[str], cells: dict, row_text: Callable[[A
         judged = {c: shown(st.mean_over(common)) for c, st in stats.items()}
         finite = [v for v in judged.values() if not math.isnan(v)]
         best = (min(finite) if lower_is_better else max(finite)) if finite else None
-        uniform = cells.get((r, "uniform"))
+        uniform = stats.get("uniform")
         line = [row_text(r)]
         for c in cols:
             stat = stats.get(c)
@@ -617,13 +617,11 @@ def _not_starved(records: list[dict]) -> list[dict]:
 
 def _eval_setup(record: dict) -> str:
     """What a cell's evaluation stage did, in short: its cost depends on it (291 windows take 7x 40)."""
-    ev = record.get("eval") or {}
-    parts = [f"{v.get('windows')} x {v.get('seq_len')} windows" for v in (ev.get("token_ppl") or {}).values()]
-    parts += [f"word-ppl {v.get('documents')} docs" for v in (ev.get("word_ppl") or {}).values()]
-    tasks = ev.get("tasks") or {}
+    parts = [f"{p.count} x {p.length} windows" if p.kind == "token-ppl" else f"word-ppl {p.count} docs"
+             for p, _ in ppl_values(record)]
+    tasks = task_protocol(record)
     if tasks:
-        sizes = sorted({t.get("n") for t in tasks.values() if isinstance(t, dict) and t.get("n") is not None})
-        parts.append(f"{len(tasks)} tasks" + (f" x {'/'.join(map(str, sizes))}" if sizes else ""))
+        parts.append(f"{len(tasks)} tasks x " + "/".join(map(str, sorted({n for _, n, _ in tasks}))))
     return " + ".join(parts) or "-"
 
 

@@ -60,6 +60,9 @@ class Allocation:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     nm_n: Optional[list[int]] = None
     nm_m: int = 0
+    # unstructured: zeros per linear ("block:linear" -> (count, numel)), rounded over the whole model
+    # so that the achieved size-weighted sparsity is the target to one weight (see exact_counts)
+    zeros: Optional[dict[str, tuple[int, int]]] = None
 
     def target(self, block: int, linear: str) -> tuple[float, Pattern]:
         for i, unit in enumerate(self.units):
@@ -67,6 +70,9 @@ class Allocation:
                 if self.nm_n is not None:
                     n = self.nm_n[i]
                     return n / self.nm_m, Pattern(n, self.nm_m) if n > 0 else Pattern()
+                if self.zeros is not None and f"{block}:{linear}" in self.zeros:
+                    count, numel = self.zeros[f"{block}:{linear}"]
+                    return count / numel, Pattern()
                 return self.sparsity[i], Pattern()
         raise KeyError(f"no unit covers block {block} linear {linear!r}")
 
@@ -99,12 +105,15 @@ class Allocation:
             "diagnostics": self.diagnostics,
             "nm_n": None if self.nm_n is None else list(self.nm_n),
             "nm_m": self.nm_m,
+            "zeros": None if self.zeros is None else {k: list(v) for k, v in self.zeros.items()},
         }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "Allocation":
         units = [Unit(u["name"], u["block"], tuple(u["linears"]), u["size"]) for u in state["units"]]
-        return cls(units, list(state["sparsity"]), state["diagnostics"], state["nm_n"], state["nm_m"])
+        zeros = state.get("zeros")
+        zeros = None if zeros is None else {k: (int(v[0]), int(v[1])) for k, v in zeros.items()}
+        return cls(units, list(state["sparsity"]), state["diagnostics"], state["nm_n"], state["nm_m"], zeros)
 
 
 def _nm_mix(ns: list[int], m: int) -> dict[str, int]:
@@ -157,20 +166,43 @@ def allocation_needs(config: PruneConfig) -> frozenset:
     return ALLOCATORS.get(config.allocation).needs
 
 
-def allocate(model: nn.Module, config: PruneConfig, data: dict[str, Any]) -> Allocation:
-    """Run the configured allocator on ``data`` (from :func:`alsparse.pass1.collect`)."""
+def allocate(model: nn.Module, config: PruneConfig, data: dict[str, Any], warn: bool = True) -> Allocation:
+    """Run the configured allocator on ``data`` (from :func:`alsparse.pass1.collect`); ``warn=False``
+    for trial allocations (a strength search's candidates) that may never be used."""
     allocator = ALLOCATORS.get(config.allocation)
     units = make_units(model, allocator.level(config))
     sparsity, diagnostics = allocator.fn(AllocationContext(model, config, units, data))
     sparsity = [float(s) for s in sparsity]
     _check_range(sparsity, units, config.allocation)
-    _warn_near_total(sparsity, units, config)
+    if warn:
+        _warn_near_total(sparsity, units, config)
     allocation = Allocation(units, sparsity, diagnostics)
     pattern = config.parsed_pattern
     if pattern.is_nm:
         _to_nm(allocation, pattern)
-    log.info("allocation %s: mean sparsity %.6f over %d units", config.allocation, allocation.mean(), len(units))
+    else:
+        allocation.zeros = exact_counts(model, allocation)
+    (log.info if warn else log.debug)("allocation %s: mean sparsity %.6f over %d units", config.allocation,
+                                      allocation.mean(), len(units))
     return allocation
+
+
+def exact_counts(model: nn.Module, allocation: Allocation) -> dict[str, tuple[int, int]]:
+    """Zeros per linear, (count, numel), with sum(count) = round(sum_l s_l n_l): each linear gets
+    floor(s_l n_l) and the remainder goes one weight each to the largest fractional parts (ties: model
+    order). The pruners then prune exactly that count (Wanda spreads a matrix's count over its rows,
+    SparseGPT over its column blocks), so the achieved size-weighted sparsity equals the allocated
+    mean to within half a weight of the whole model, not just floor(s * group) per group."""
+    from .allocation.lp import largest_remainder
+
+    keys, wanted = [], []
+    for index, block in enumerate(decoder_blocks(model)):
+        for ref in find_linears(block):
+            sparsity, _ = allocation.target(index, ref.name)
+            keys.append((f"{index}:{ref.name}", ref.numel))
+            wanted.append(sparsity * ref.numel)
+    counts = largest_remainder(wanted, [numel for _, numel in keys])
+    return {key: (count, numel) for (key, numel), count in zip(keys, counts)}
 
 
 def _check_range(sparsity: list[float], units: list[Unit], name: str) -> None:
@@ -273,6 +305,7 @@ def _als_kwargs(config: PruneConfig) -> dict[str, Any]:
         lp_method=als.lp_method,
         granularity=als.granularity,
         qp_lambda=als.qp_lambda,
+        strength=als.strength,
     )
 
 

@@ -42,6 +42,7 @@ def prune_(
     checkpoint: Optional[BlockCheckpoints] = None,
     resume: bool = False,
     on_block: Optional[Callable[[int, int], None]] = None,
+    allocation: Optional[Allocation] = None,
 ) -> PruneReport:
     """Prune ``model`` in place: allocate per-unit sparsity, then calibrate, prune and propagate
     block by block so each block sees the outputs of the already-pruned ones.
@@ -53,7 +54,8 @@ def prune_(
     ``checkpoint``: save each pruned block there; with ``resume=True`` an interrupted run's
     checkpoints (same model, calibration and options, else an error) are loaded instead of pruned
     again, so the run goes on from the first block it had not finished. ``on_block(index, total)``
-    is called after each block is pruned (and checkpointed)."""
+    is called after each block is pruned (and checkpointed). ``allocation``: prune with this one
+    (pass 1, any strength search and the allocator are skipped), e.g. a search's candidate."""
     pruner = PRUNERS.get(config.method)
     device = torch.device(config.device) if config.device else model_device(model)
     needs = allocation_needs(config)
@@ -61,13 +63,13 @@ def prune_(
     _check_lazy(model, config, checkpoint)
     try:
         return _prune(model, calibration, config, calibration_info, pass1_cache, checkpoint, resume, on_block,
-                      pruner, device, needs)
+                      pruner, device, needs, allocation)
     finally:
         restore_resident(model)  # a lazy model's embeddings etc., dropped after the capture
 
 
 def _prune(model, calibration, config, calibration_info, pass1_cache, checkpoint, resume, on_block, pruner, device,
-           needs) -> PruneReport:
+           needs, given=None) -> PruneReport:
     timer = StageTimer()
     saved, intact = None, 0
     if checkpoint is not None:
@@ -80,7 +82,14 @@ def _prune(model, calibration, config, calibration_info, pass1_cache, checkpoint
     acts = None
     if saved is not None:  # resuming: the allocation is known, pass 1 and any search are skipped
         allocation = Allocation.from_state(saved)
-        config = _with_saved_beta(config, allocation)
+        from .strength import with_saved
+
+        config = with_saved(config, allocation.diagnostics)
+        if pruner.needs_calibration:
+            with timer("capture"):
+                acts = _capture(model, calibration, device, config)
+    elif given is not None:
+        allocation = given
         if pruner.needs_calibration:
             with timer("capture"):
                 acts = _capture(model, calibration, device, config)
@@ -98,12 +107,8 @@ def _prune(model, calibration, config, calibration_info, pass1_cache, checkpoint
 
 
 def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_cache):
-    """ATP's search, the capture, pass 1 (or its cached result) and the allocator."""
-    search = {}
-    if config.allocation == "atp" and config.baselines.atp_beta is None:
-        _check_calibration(calibration)
-        with timer("atp_search"):
-            config, search = _with_atp_beta(model, calibration, config)
+    """The capture, pass 1 (or its cached result), the strength search the config leaves open
+    (ATP's beta, graded ALS's strength) and the allocator."""
     use_cache = bool(needs) and pass1_cache is not None and isinstance(calibration, torch.Tensor)
     key = pass1_key(config, needs, fingerprint(calibration)) if use_cache else None
     cached = pass1_cache.get(key) if key is not None else None
@@ -119,12 +124,25 @@ def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_ca
             data = collect_pass1(model, acts, device, config, needs) if needs else {}
             if key is not None:
                 pass1_cache[key] = data
+    search = {}
+    if _searches(model, config):
+        _check_calibration(calibration)
+        from .strength import select
+
+        with timer("strength_search"):
+            config, search = select(model, calibration, config, data, device)
     with timer("allocation"):
         allocation = allocate(model, config, data)
         allocation.diagnostics.update(search)
     if not pruner.needs_calibration:
         acts = None  # captured for pass 1 only: a data-free pruner need not run the blocks again
     return config, acts, allocation
+
+
+def _searches(model, config) -> bool:
+    from .strength import knob
+
+    return knob(model, config) is not None
 
 
 def _capture(model, calibration, device, config):
@@ -165,7 +183,7 @@ def _prune_blocks(model, acts, pruner, allocation, config, device, checkpoint, i
             stats = record_input_stats(step, pruner.needs_norms, pruner.needs_hessian)
         for k, ref in enumerate(step.linears):  # one owner per linear; the others receive its result
             if distributed.owner(k) == distributed.rank():
-                _prune_linear(ref, stats.get(ref.name), step.index, pruner, allocation, config)
+                prune_linear(ref, stats.get(ref.name), step.index, pruner, allocation, config)
         for k, ref in enumerate(step.linears):
             distributed.broadcast_(ref.module.weight.data, src=distributed.owner(k))
         records.extend(_records(step, allocation, prefix))
@@ -207,24 +225,6 @@ def _records(step: BlockStep, allocation: Allocation, prefix: str) -> list[Linea
     return out
 
 
-def _with_saved_beta(config: PruneConfig, allocation: Allocation) -> PruneConfig:
-    import dataclasses
-
-    beta = allocation.diagnostics.get("beta")
-    if config.allocation != "atp" or config.baselines.atp_beta is not None or beta is None:
-        return config
-    return dataclasses.replace(config, baselines=dataclasses.replace(config.baselines, atp_beta=beta))
-
-
-def _with_atp_beta(model, calibration, config):
-    import dataclasses
-
-    from .atp_search import select_beta
-
-    beta, search = select_beta(model, calibration, config)
-    return dataclasses.replace(config, baselines=dataclasses.replace(config.baselines, atp_beta=beta)), search
-
-
 def _steps_without_data(model, config, device) -> Iterator[BlockStep]:
     """Blocks one at a time, onloaded, for pruners that need no calibration (nothing is run)."""
     from tqdm.auto import tqdm
@@ -236,7 +236,8 @@ def _steps_without_data(model, config, device) -> Iterator[BlockStep]:
             yield BlockStep(index, onloaded, "", None, device, find_linears(onloaded))
 
 
-def _prune_linear(ref, stats, block_index, pruner, allocation, config) -> None:
+def prune_linear(ref, stats, block_index, pruner, allocation, config) -> None:
+    """Prune one linear of an onloaded block in place at its allocated ratio and pattern."""
     sparsity, pattern = allocation.target(block_index, ref.name)
     if sparsity == 0 and not pattern.is_nm:
         return
@@ -271,9 +272,10 @@ def _check_lazy(model, config, checkpoint) -> None:
         return
     if checkpoint is None:
         raise ValueError("a model streamed from disk writes each pruned block to its checkpoints; pass checkpoint=")
-    if config.allocation == "atp" and config.baselines.atp_beta is None:
-        raise ValueError("ATP's beta search prunes and evaluates whole copies of the model, which streaming from disk "
-                         "avoids; pass atp_beta (--atp-beta) or load the model into memory")
+    if _searches(model, config) and config.strength_search == "sequential":
+        raise ValueError("the sequential strength search (ATP's beta, graded ALS's strength) prunes whole copies of the "
+                         "model, which streaming from disk avoids; use strength_search='oneshot' (the default), pass "
+                         "the strength (--atp-beta / --als-strength) or load the model into memory")
 
 
 def _check_calibration(calibration) -> None:

@@ -269,9 +269,11 @@ def _check_finite(outputs: list[torch.Tensor], index: int) -> None:
         )
 
 
-def record_input_stats(step: BlockStep, norms: bool, hessian: bool) -> dict[str, "InputStats"]:
+def record_input_stats(step: BlockStep, norms: bool, hessian: bool, keep_outputs: bool = False) -> dict[str, "InputStats"]:
     """Run the block once and accumulate each linear's input statistics. Linears fed the very same
-    tensor (q/k/v, gate/up) share one accumulator, so a SparseGPT Hessian is built once per input."""
+    tensor (q/k/v, gate/up) share one accumulator, so a SparseGPT Hessian is built once per input.
+    ``keep_outputs``: also keep the block's outputs as ``step.outputs`` (the stream then reuses them
+    instead of running the block again: right when the block is not changed before moving on)."""
     from .pruning.stats import InputStats
 
     owner: dict[str, str] = {}
@@ -293,7 +295,9 @@ def record_input_stats(step: BlockStep, norms: bool, hessian: bool) -> dict[str,
 
         return hook
 
-    step.run({ref.name: make(ref) for ref in step.linears}, keep_outputs=False)
+    outputs = step.run({ref.name: make(ref) for ref in step.linears}, keep_outputs=keep_outputs)
+    if keep_outputs:
+        step.outputs = outputs
     held.clear()
     from . import distributed
 

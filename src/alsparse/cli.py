@@ -109,7 +109,14 @@ def _add_als_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--als-smin", type=float, default=None, help="absolute lower bound on a unit's sparsity")
     g.add_argument("--als-smax", type=float, default=None, help="absolute upper bound on a unit's sparsity")
     g.add_argument("--als-granularity", type=float, default=None, help="round ratios to multiples of g (paper 0.005)")
-    g.add_argument("--als-solver", default="lp", help="lp | qp")
+    g.add_argument("--als-solver", default="graded",
+                   help="graded (default: sparsity linear in importance, its strength chosen on held-out calibration) "
+                        "| lp (the literal Eq. 5: every unit at S - delta or S + delta) | qp (DSA-style, raw c)")
+    g.add_argument("--als-strength", type=float, default=None,
+                   help="graded solver's sparsity spread between the most and least important unit "
+                        "(default: chosen among --als-strength-grid by held-out calibration loss; 0 = uniform)")
+    g.add_argument("--als-strength-grid", default="0,0.05,0.1,0.15,0.2,0.3,0.4",
+                   help="candidate strengths the search scores (comma-separated; 0 is always included)")
     g.add_argument("--als-feature", default="auto", help="auto | input | output (auto: block input, linear output)")
     g.add_argument("--als-normalize", default="center", help="center | standardize | none")
     g.add_argument("--als-expression", default="modified", help="modified | original")
@@ -121,6 +128,10 @@ def _add_als_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("--dlp-alpha", type=float, default=0.15)
     b.add_argument("--alpha-eps", type=float, default=0.3)
     b.add_argument("--atp-beta", type=float, default=None, help="default: chosen by held-out calibration loss")
+    b.add_argument("--strength-search", default="oneshot",
+                   help="how ATP's beta / graded ALS's strength candidates are scored on the held-out quarter of the "
+                        "calibration: oneshot (default: every block pruned from the dense inputs, all candidates in "
+                        "one pass) | sequential (a full prune per candidate; slower)")
 
 
 def _baseline_options(args):
@@ -148,7 +159,16 @@ def _als_options(args):
         expression=args.als_expression,
         tokens=args.als_tokens or None,
         windows=args.als_windows or None,
+        strength=args.als_strength,
+        strength_grid=_floats(args.als_strength_grid, "--als-strength-grid"),
     )
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"{flag} must be comma-separated numbers such as 0,0.05,0.1; got {text!r}") from None
 
 
 def _cmd_ls(args) -> int:
@@ -294,6 +314,7 @@ def _cmd_prune(args) -> int:
         offload=args.offload,
         als=_als_options(args),
         baselines=_baseline_options(args),
+        strength_search=args.strength_search,
     )
     logging.getLogger("alsparse").info("loading %s", args.model)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code,

@@ -48,7 +48,10 @@ class ALSOptions:
     feature: str = "auto"  # auto: block input at block level, linear output at component level
     normalize: str = "center"  # center | standardize | none
     expression: str = "modified"  # modified: exp(-rho/mu) ; original: exp(-rho)
-    solver: str = "lp"  # lp | qp
+    # graded: the size-weighted QP over min-max normalised importance, its strength (the sparsity
+    # spread) chosen on held-out calibration windows; lp: the literal Eq. 5 (a two-valued vertex);
+    # qp: the DSA-style QP on raw c (uniform in effect: c spans a tiny range). docs/ALLOCATION.md.
+    solver: str = "graded"  # graded | lp | qp
     lp_method: str = "highs"  # highs | closed_form
     delta: float = 0.2
     bounds: str = "relative"  # relative | absolute
@@ -56,6 +59,8 @@ class ALSOptions:
     s_max: Optional[float] = None
     granularity: Optional[float] = None  # e.g. 0.005 (paper); None = no rounding
     qp_lambda: float = 8.0
+    strength: Optional[float] = None  # graded solver's spread; None: chosen among strength_grid
+    strength_grid: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4)  # 0.4 = 2 x delta: the box
     tokens: Optional[int] = 4096  # m tokens kept per unit for RM; None = exact (all tokens)
     # pass 1 runs the first `windows` calibration windows only (None: all). The paper uses 16
     # sequences (an appendix: 2; "accuracy barely moves between 2 and 256"); 8 keeps the ALS
@@ -73,7 +78,12 @@ class ALSOptions:
         _choice("als feature", self.feature, ("auto", "input", "output"))
         _choice("als normalize", self.normalize, ("center", "standardize", "none"))
         _choice("als expression", self.expression, ("modified", "original"))
-        _choice("als solver", self.solver, ("lp", "qp"))
+        _choice("als solver", self.solver, ("graded", "lp", "qp"))
+        object.__setattr__(self, "strength_grid", tuple(float(t) for t in self.strength_grid))
+        if self.strength is not None and not 0 <= self.strength < 1:
+            raise ValueError(f"als strength must be in [0, 1), got {self.strength}")
+        if not self.strength_grid or any(not 0 <= t < 1 for t in self.strength_grid):
+            raise ValueError(f"als strength_grid must be non-empty values in [0, 1), got {self.strength_grid}")
         _choice("als lp_method", self.lp_method, ("highs", "closed_form"))
         _choice("als bounds", self.bounds, ("relative", "absolute"))
         if not 0 <= self.delta < 1:
@@ -114,6 +124,10 @@ class PruneConfig:
     baselines: BaselineOptions = field(default_factory=BaselineOptions)
     sparsegpt_blocksize: int = 128
     sparsegpt_damp: float = 0.01
+    # how a strength search (ATP's beta, graded ALS's strength) scores its candidates on the held-out
+    # quarter of the calibration windows: oneshot prunes every block from the dense model's inputs,
+    # all candidates in one stream (cheap); sequential prunes a model copy per candidate (exact).
+    strength_search: str = "oneshot"
 
     def __post_init__(self) -> None:
         from .allocate import ALLOCATORS  # registry lookups validate names
@@ -132,6 +146,7 @@ class PruneConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         _choice("offload", self.offload, ("device", "cpu"))
+        _choice("strength_search", self.strength_search, ("oneshot", "sequential"))
         if self.sparsegpt_blocksize < 1 or not 0 < self.sparsegpt_damp < 1:
             raise ValueError("sparsegpt_blocksize must be >= 1 and sparsegpt_damp in (0, 1)")
 
@@ -140,7 +155,10 @@ class PruneConfig:
         return Pattern.parse(self.pattern)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON types (tuples as lists), so a dict read back from a file compares equal."""
+        import json
+
+        return json.loads(json.dumps(asdict(self)))
 
 
 def _choice(what: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -24,6 +24,16 @@ BLOCK_PATHS: dict[str, str] = {
     "gpt_neox": "gpt_neox.layers",
 }
 
+# family -> the modules applied, in order, to the last block's output to give the logits; a trailing
+# "?" marks one a config may leave out (OPT's project_out), skipped then; then final_logit_softcapping
+_LLAMA_HEAD = ("model.norm", "lm_head")
+HEAD_PATHS: dict[str, tuple[str, ...]] = {
+    **{name: _LLAMA_HEAD for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")},
+    "opt": ("model.decoder.final_layer_norm?", "model.decoder.project_out?", "lm_head"),
+    "gpt2": ("transformer.ln_f", "lm_head"),
+    "gpt_neox": ("gpt_neox.final_layer_norm", "lm_head"),
+}
+
 
 class UnsupportedModelError(ValueError):
     pass
@@ -43,6 +53,32 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     for attr in BLOCK_PATHS[family(model)].split("."):
         module = getattr(module, attr)
     return module
+
+
+def _module_at(model: nn.Module, path: str):
+    module = model
+    for attr in path.split("."):
+        module = getattr(module, attr, None)
+        if module is None:
+            return None
+    return module
+
+
+def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, T, V]`` (float32) from the last decoder block's output ``hidden [B, T, D]``,
+    as the model's own forward computes them; each head module is onloaded to ``hidden``'s device."""
+    with contextlib.ExitStack() as stack:
+        out = hidden
+        for path in HEAD_PATHS[family(model)]:
+            module = _module_at(model, path.rstrip("?"))
+            if module is None and not path.endswith("?"):
+                raise UnsupportedModelError(f"{type(model).__name__} has no {path}: cannot compute logits from "
+                                            "the last block's output")
+            if module is not None:
+                out = stack.enter_context(onload(module, hidden.device))(out)
+    out = out.float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(out / cap) * cap if cap else out
 
 
 def layer_types(model: nn.Module, num_blocks: int) -> list[str]:

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 log = logging.getLogger(__name__)
 
-STAGES = ("load", "calibration", "atp_search", "capture", "pass1", "allocation", "prune", "eval")
+STAGES = ("load", "calibration", "atp_search", "strength_search", "capture", "pass1", "allocation", "prune", "eval")
 
 
 class ResultsFileError(ValueError):

@@ -394,18 +394,25 @@ def _make_cell(where, name, model, dtype, batch_size, offload, eval_cfg, seed, c
             method=method, allocation=allocation, pattern=str(pattern),
             sparsity=pattern.sparsity if sparsity is None else float(sparsity), seed=seed,
             allocation_file=allocation_file if allocation == "file" else None, batch_size=batch_size, offload=offload,
-            als=ALSOptions(**als), baselines=BaselineOptions(**base),
+            als=dataclasses.replace(_IDENTITY_ALS, **als), baselines=BaselineOptions(**base),
         )
     except (ValueError, TypeError) as exc:
         raise SweepConfigError(f"{where}: {exc}") from None
     calib = Calibration(combo.get("calibration.corpus"), combo.get("calibration.nsamples"),
                         combo.get("calibration.seqlen"), seed)
-    defaults_als, defaults_base = ALSOptions(), BaselineOptions()
+    defaults_als, defaults_base = _IDENTITY_ALS, BaselineOptions()
     als_kept = {k: v for k, v in als.items() if _relevant(f"als.{k}", allocation) and getattr(defaults_als, k) != v}
     base_kept = {k: v for k, v in base.items()
                  if _relevant(f"baselines.{k}", allocation) and getattr(defaults_base, k) != v}
     varied = {k: combo[k] for k, values in axes.items() if len(values) > 1 and _relevant(k, allocation)}
     return Cell("pruned", model, dtype, eval_cfg, name, config, calib, als_kept, base_kept, varied)
+
+
+# A sweep's ALS options start from these, and a cell's identity keeps the ones that differ. The
+# solver default was the LP when the SmolLM2 grid was recorded; its records (als: {}) mean the LP,
+# so in a sweep file an unnamed solver stays the LP and graded ALS is "als (solver=graded)": old
+# ids and labels keep their meaning (docs/SWEEPS.md).
+_IDENTITY_ALS = ALSOptions(solver="lp")
 
 
 def _eval_identity(eval_cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -40,9 +40,24 @@ def test_allocator_contract(name, level, family, tmp_path):
         if name != "file":  # a hand-written mapping need not average to the target
             assert alloc["mean_sparsity"] == pytest.approx(0.5, abs=1e-6)
             assert report.allocated_sparsity == pytest.approx(0.5, abs=1e-6)
-        for rec in report.linears:  # floor(s * group) per comparison group
-            assert rec.allocated - 0.05 <= rec.achieved <= rec.allocated + 1e-9, rec.name
+        for rec in report.linears:  # every linear prunes exactly its (whole-model rounded) count
+            assert rec.achieved == rec.allocated, rec.name
     assert hashes[0] == hashes[1], "same seed and inputs must give bit-identical masks"
+
+
+@pytest.mark.parametrize("name,level", CASES)
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("family,sparsity", [("llama", 0.6), ("opt", 0.7), ("qwen3", 0.55)])
+def test_achieved_sparsity_is_the_target(name, level, method, family, sparsity, tmp_path):
+    """Size-weighted achieved == target within 1e-4 for every allocator x pruner, on widths (32, 64)
+    that no per-row floor divides at these targets (0.6 * 32 = 19.2): the remainder of the rounding
+    is spread over rows, column blocks and linears."""
+    if name == "file":
+        pytest.skip("a hand-written mapping need not average to the target")
+    ids = torch.randint(1, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    report = prune_(make_tiny(family), ids, _config(name, level, tmp_path, method=method, sparsity=sparsity))
+    assert abs(report.achieved_sparsity - sparsity) <= 1e-4, report.achieved_sparsity
+    assert abs(report.allocated_sparsity - sparsity) <= 1e-4
 
 
 @pytest.mark.parametrize("name,level", [("als", "block"), ("als", "component"), ("owl", "block")])
@@ -62,7 +77,7 @@ def test_mixed_nm_reports_the_mix_and_keeps_the_mean(name, level, tmp_path):
 def test_als_allocation_is_non_uniform_and_reported(tmp_path):
     ids = torch.randint(1, 96, (8, 16), generator=torch.Generator().manual_seed(0))
     model = make_tiny("llama")
-    report = prune_(model, ids, _config("als", "block", tmp_path))
+    report = prune_(model, ids, _config("als", "block", tmp_path, strength=0.1))  # the search may pick 0 here
     diag = report.allocation["diagnostics"]
     assert len(set(round(s, 6) for s in report.allocation["sparsity"])) > 1
     for key in ("rho", "mu", "w", "c", "block_rm"):

@@ -128,13 +128,28 @@ def test_non_block_weights_are_dropped_while_pruning_and_restored_after(tmp_path
         "restored after a failure too"
 
 
-def test_from_disk_needs_checkpoints_and_a_given_atp_beta(tmp_path):
+def test_from_disk_needs_checkpoints_and_no_sequential_strength_search(tmp_path):
     lazy = load_lazy(_source(tmp_path, "llama"), torch.float32)
     with pytest.raises(ValueError, match="checkpoint="):
         prune_(lazy, IDS, PruneConfig(method="wanda", sparsity=0.5))
-    with pytest.raises(ValueError, match="atp_beta"):
-        prune_(lazy, IDS, PruneConfig(method="wanda", sparsity=0.5, allocation="atp"),
+    with pytest.raises(ValueError, match="strength_search='oneshot'"):
+        prune_(lazy, IDS, PruneConfig(method="wanda", sparsity=0.5, allocation="atp", strength_search="sequential"),
                checkpoint=BlockCheckpoints(tmp_path / "ck"))
+
+
+@pytest.mark.parametrize("allocation", ["atp", "als"])
+def test_from_disk_strength_search_equals_in_memory(tmp_path, allocation):
+    """The oneshot search streams blocks like everything else: from disk it chooses and prunes
+    exactly as in memory."""
+    source = _source(tmp_path, "llama")
+    config = PruneConfig(method="wanda", sparsity=0.6, allocation=allocation,
+                         als=ALSOptions(tokens=48), baselines=BaselineOptions(atp_grid=3))
+    lazy = load_lazy(source, torch.float32)
+    from_disk = prune_(lazy, IDS, config, checkpoint=BlockCheckpoints(tmp_path / "ck"))
+    in_memory = prune_(make_tiny("llama"), IDS, config)
+    key = "strength_search"
+    assert from_disk.allocation["diagnostics"][key] == in_memory.allocation["diagnostics"][key]
+    assert [r.mask_sha256 for r in from_disk.linears] == [r.mask_sha256 for r in in_memory.linears]
 
 
 def test_directory_without_safetensors_is_refused(tmp_path):

@@ -28,8 +28,9 @@ def test_per_row_and_per_matrix_masks_differ_on_the_hand_example():
 def test_exact_counts_with_ties_use_a_stable_order():
     tied = torch.ones(3, 10)
     mask = F.score_mask(tied, 0.55, Pattern(), per_row=True)
-    assert mask.sum(dim=1).tolist() == [5, 5, 5]  # floor(0.55 * 10) each, not all tied entries
-    assert mask[:, :5].all() and not mask[:, 5:].any()  # the lowest indices go first
+    # floor(0.55 * 30) = 16 over the matrix, not all tied entries: 5 per row, the extra one to row 0
+    assert mask.sum(dim=1).tolist() == [6, 5, 5]
+    assert mask[:, :5].all() and not mask[:, 6:].any() and mask[:, 5].tolist() == [True, False, False]
     whole = F.score_mask(tied, 0.3, Pattern(), per_row=False)
     assert int(whole.sum()) == 9
 
@@ -166,3 +167,37 @@ def test_pattern_parsing():
     for bad in ("4:4", "5:4", "2-4", "0:4", "1:1"):
         with pytest.raises(ValueError, match="N:M"):
             Pattern.parse(bad)
+
+
+@pytest.mark.parametrize("rows,cols,k", [(3, 5, 7), (4, 6, 0), (4, 6, 24), (5, 7, 13)])
+def test_per_row_mask_prunes_exactly_k_spread_over_rows(rows, cols, k):
+    scores = torch.rand(rows, cols, generator=torch.Generator().manual_seed(k))
+    prune_mask = F.per_row_mask(scores, k)
+    per_row = prune_mask.sum(dim=1)
+    assert int(per_row.sum()) == k and int(per_row.max() - per_row.min()) <= 1
+    for r in range(rows):  # each row prunes its own lowest entries
+        kept, pruned = scores[r][~prune_mask[r]], scores[r][prune_mask[r]]
+        if len(kept) and len(pruned):
+            assert float(pruned.max()) <= float(kept.min())
+
+
+def test_per_row_extra_weights_go_to_the_rows_whose_next_score_is_lowest():
+    scores = torch.tensor([[1.0, 9.0], [2.0, 3.0], [4.0, 5.0]])  # floor(4/3) = 1 each, 1 extra
+    prune_mask = F.per_row_mask(scores, 4)
+    assert prune_mask.tolist() == [[True, False], [True, True], [True, False]]
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("shape", [(7, 13), (24, 200)])
+def test_pruners_prune_exactly_round_s_numel(method, shape):
+    """s = k / numel prunes exactly k whatever the width: no per-row or per-block floor loss."""
+    from alsparse.pruning import PRUNERS
+    from alsparse.pruning.stats import InputStats
+
+    torch.manual_seed(0)
+    weight = torch.randn(*shape)
+    stats = InputStats(shape[1], "cpu", norms=True, hessian=True)
+    stats.update(torch.randn(64, shape[1]))
+    for k in (1, shape[0] * shape[1] * 3 // 5 + 1, shape[0] * shape[1] - 1):
+        new = PRUNERS.get(method).prune(weight, stats, k / weight.numel(), Pattern(), blocksize=8)
+        assert int((new == 0).sum()) == k, (method, shape, k)

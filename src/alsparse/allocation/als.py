@@ -1,4 +1,4 @@
-"""ALS allocation: redundancy Psi -> importance w -> suffix means c -> LP (or QP) -> sparsity.
+"""ALS allocation: redundancy Psi -> importance w -> suffix means c -> LP (QP, graded) -> sparsity.
 
     rho_i = sum_j Psi_ij - 1,   mu_i = (1/L) sum_j Psi_ij
     w_i   = exp(-rho_i / mu_i)  ("modified", default)   or   exp(-rho_i)  ("original")
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from alsparse.allocation._common import MAX_SPARSITY, as_sizes, as_vector, check_target, weighted_mean
+from alsparse.allocation.graded import solve_graded
 from alsparse.allocation.lp import LPSolution, solve_lp
 from alsparse.allocation.qp import solve_qp
 from alsparse.allocation.result import AllocationResult
@@ -18,7 +19,7 @@ from alsparse.allocation.rounding import round_to_granularity
 
 EXPRESSIONS = ("modified", "original")
 BOUNDS_MODES = ("relative", "absolute")
-SOLVERS = ("lp", "qp")
+SOLVERS = ("lp", "qp", "graded")
 
 
 def importance(
@@ -72,7 +73,12 @@ def bounds(target: float, L: int, delta: float = 0.2, mode: str = "relative", lo
     return s_lo, s_hi
 
 
-def _solve(c, sizes, target, s_lo, s_hi, solver, lp_method, qp_lambda) -> LPSolution:
+def _solve(c, sizes, target, s_lo, s_hi, solver, lp_method, qp_lambda, strength) -> LPSolution:
+    if solver == "graded":
+        if strength is None:
+            raise ValueError("the graded ALS solver needs a strength (the sparsity spread, e.g. 0.1); "
+                             "alsparse.strength chooses it on held-out calibration windows")
+        return solve_graded(c, sizes, target, s_lo, s_hi, strength)
     if solver == "lp":
         return solve_lp(c, sizes, target, s_lo, s_hi, method=lp_method)
     if solver == "qp":
@@ -94,6 +100,7 @@ def als_allocate(
     lp_method: str = "highs",
     granularity: float | None = None,
     qp_lambda: float = 8.0,
+    strength: float | None = None,
 ) -> AllocationResult:
     """Per-unit sparsity ``[L]`` from the redundancy matrix ``[L, L]``: less redundant -> less sparse."""
     rho, mu, w = importance(psi, expression)
@@ -101,7 +108,7 @@ def als_allocate(
     sizes = as_sizes(sizes, length)
     c = suffix_mean(w)
     s_lo, s_hi = bounds(target, length, delta, bounds_mode, lo, hi)
-    solution = _solve(c, sizes, target, s_lo, s_hi, solver, lp_method, qp_lambda)
+    solution = _solve(c, sizes, target, s_lo, s_hi, solver, lp_method, qp_lambda, strength)
     sparsity = solution.sparsity
     if granularity is not None:
         sparsity = round_to_granularity(sparsity, sizes, target, granularity, s_lo, s_hi)
@@ -123,4 +130,6 @@ def als_allocate(
         "iterations": solution.iterations,
         "granularity": granularity,
     }
+    if solver == "graded":
+        diagnostics["strength"] = float(strength)
     return AllocationResult(sparsity=sparsity, diagnostics=diagnostics)

@@ -2,8 +2,10 @@
 
 Two-stage: solve the block LP over Psi_blocks ``[L, L]`` to get s_i; then inside block i solve the
 same program over its linears' Psi ``[K, K]`` with sizes n_ik, target s_i (budget n_i (1 - s_i))
-and relative bounds [s_i - delta, s_i + delta] (clipped to [0, 0.99], and to the block's absolute
-[lo_i, hi_i] when bounds_mode="absolute"). Joint: one (K L) x (K L) problem.
+and relative bounds [s_i - delta, s_i + delta] intersected with the global box: [S - delta, S + delta]
+(clipped to [0, 0.99]), or the block's absolute [lo_i, hi_i] when bounds_mode="absolute". So no
+linear ever leaves the box the target allows (the inner bounds once followed the block's ratio alone,
+and a block at S + delta let gate/up reach 0.99 on SmolLM2). Joint: one (K L) x (K L) problem.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def als_two_stage(
     stage1 = als_allocate(block_psi, block_sizes, target, **kw)
     delta = kw.get("delta", 0.2)
     absolute = kw.get("bounds_mode", "relative") == "absolute"
+    box_lo, box_hi = (float(v[0]) for v in bounds(target, 1, delta, "relative"))  # the global box
     pieces, stage2 = [], []
     for block, (psi, sizes) in enumerate(zip(component_psis, component_sizes)):
         block_target = float(stage1.sparsity[block])
@@ -54,6 +57,8 @@ def als_two_stage(
         if absolute:
             s_lo = s_lo.clamp(min=_block_bound(kw["lo"], block))
             s_hi = s_hi.clamp(max=_block_bound(kw["hi"], block))
+        else:
+            s_lo, s_hi = s_lo.clamp(min=min(box_lo, block_target)), s_hi.clamp(max=max(box_hi, block_target))
         inner = {**kw, "bounds_mode": "absolute", "lo": s_lo, "hi": s_hi}
         result = als_allocate(psi, sizes, block_target, **inner)
         pieces.append(result.sparsity)

@@ -52,6 +52,20 @@ def check_problem(c, sizes, target, s_lo, s_hi) -> tuple[torch.Tensor, ...]:
     return c, weights, 1.0 - s_hi, 1.0 - s_lo, 1.0 - target
 
 
+def largest_remainder(wanted: list[float], caps: list[int]) -> list[int]:
+    """Integers k_i with floor(w_i) <= k_i <= min(ceil(w_i), cap_i) and sum k_i = round(sum w_i):
+    the remainder goes one each to the largest fractional parts (ties: lowest index)."""
+    exact = np.asarray(wanted, dtype=np.float64)
+    base = np.floor(exact + 1e-9)
+    fraction = np.where(base > exact, 0.0, exact - base)
+    counts = base.astype(np.int64)
+    remainder = int(round(float(exact.sum()) - float(base.sum())))
+    for i in np.argsort(-fraction, kind="stable")[: max(remainder, 0)].tolist():
+        if counts[i] < caps[i]:
+            counts[i] += 1
+    return [int(k) for k in counts]
+
+
 def _solution(c, density, d_lo, d_hi, status, iterations, method) -> LPSolution:
     density = torch.minimum(torch.maximum(density, d_lo), d_hi)  # [L]
     objective = float(torch.sum(c * density))

@@ -1,9 +1,12 @@
 """Pure pruning math: tensors in, tensors out. No modules, hooks or logging.
 
 Conventions: weights are ``[O, I]`` (outputs x inputs); a ``prune_mask`` is True where a weight
-becomes zero. Unstructured masks prune exactly ``k = floor(s * group)`` entries per comparison
-group, ties broken by a stable sort on the index (SmolLM2's dequantised weights have many ties;
-the research code's ``<= threshold`` would prune more than k).
+becomes zero. Unstructured masks prune exactly ``k = floor(s * numel)`` entries of a matrix, ties
+broken by a stable sort on the index (SmolLM2's dequantised weights have many ties; the research
+code's ``<= threshold`` would prune more than k). Per-row comparison (Wanda) gives every row
+floor(k / O) and one more to the k mod O rows whose next candidate scores lowest; SparseGPT's
+column blocks get the cumulative floor(s * O * end) - floor(s * O * start). So s = k / numel
+prunes exactly k, whatever the width.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from ..config import Pattern
 
 
 def num_pruned(sparsity: float, group_size: int) -> int:
-    """k = floor(s * group) zeros per comparison group (tiny epsilon guards 0.3*10 = 2.9999)."""
-    return int(math.floor(sparsity * group_size + 1e-9))
+    """k = floor(s * group) zeros per comparison group. The epsilon guards 0.3*10 = 2.9999 and
+    s = k / numel on matrices up to ~1e9 weights (float64 error ~1e-16 * k), and moves no sensible s."""
+    return int(math.floor(sparsity * group_size + 1e-6))
 
 
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -38,14 +42,34 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return lowest_k_mask(groups, n).reshape(rows, cols)
 
 
-def score_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern, per_row: bool) -> torch.Tensor:
-    """The prune_mask for ``scores [O, I]``: N:M, or unstructured per output row or per matrix."""
+def per_row_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Prune exactly ``k`` entries of ``scores [O, I]``, spread over the rows: floor(k / O) each (the
+    lowest), and one more in the k mod O rows whose lowest unpruned score is smallest (stable)."""
+    rows, cols = scores.shape
+    if not 0 <= k <= rows * cols:
+        raise ValueError(f"cannot prune {k} of {rows * cols} entries")
+    base, extra = divmod(k, rows)
+    order = torch.sort(scores, dim=-1, stable=True).indices  # [O, I]
+    prune_mask = torch.zeros_like(scores, dtype=torch.bool)
+    prune_mask.scatter_(1, order[:, :base], True)
+    if extra:
+        next_scores = scores.gather(1, order[:, base : base + 1]).squeeze(1)  # [O]
+        chosen = torch.sort(next_scores, stable=True).indices[:extra]  # [extra]
+        prune_mask[chosen, order[chosen, base]] = True
+    return prune_mask
+
+
+def score_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern, per_row: bool,
+               count: int | None = None) -> torch.Tensor:
+    """The prune_mask for ``scores [O, I]``: N:M, or unstructured over the matrix (``count`` entries,
+    default floor(s * O * I)), spread per output row or chosen over the whole matrix."""
     if pattern.is_nm:
         return nm_mask(scores, pattern.n, pattern.m)
+    k = num_pruned(sparsity, scores.numel()) if count is None else count
     if per_row:
-        return lowest_k_mask(scores, num_pruned(sparsity, scores.shape[1]))
+        return per_row_mask(scores, k)
     flat = scores.reshape(1, -1)  # [1, O * I]
-    return lowest_k_mask(flat, num_pruned(sparsity, flat.shape[1])).reshape(scores.shape)
+    return lowest_k_mask(flat, k).reshape(scores.shape)
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
@@ -119,7 +143,9 @@ def _sparsegpt_block(W, Hinv, start: int, end: int, sparsity: float, pattern: Pa
     diag = torch.diag(Hinv1)  # [B]
     if not pattern.is_nm:
         saliency = W1**2 / diag.unsqueeze(0) ** 2
-        block_mask = score_mask(saliency, sparsity, pattern, per_row=False)
+        rows = W.shape[0]  # this block's share of the matrix's count, cumulative so the total is exact
+        count = num_pruned(sparsity, rows * end) - num_pruned(sparsity, rows * start)
+        block_mask = score_mask(saliency, sparsity, pattern, per_row=False, count=count)
     for j in range(end - start):
         w = W1[:, j]
         d = diag[j]

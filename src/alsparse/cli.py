@@ -221,6 +221,9 @@ def write_json_atomic(path: Path, data) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, default=str)
+        from .fsmodes import publish_modes
+
+        publish_modes(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -72,6 +72,9 @@ def _staging(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        from .fsmodes import publish_modes
+
+        publish_modes(tmp)  # mkdtemp's drwx------ would make the model private to this user
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -83,6 +83,9 @@ def gguf_to_hf(gguf: Path, name: Optional[str] = None) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        from .fsmodes import publish_modes
+
+        publish_modes(tmp)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -227,3 +227,24 @@ def test_equal_call_arguments_are_held_once_across_micro_batches(calib_ids):
     shared = _share(other, calls[0])
     assert shared.kwargs["position_embeddings"][0] is other.kwargs["position_embeddings"][0]
     assert shared.kwargs["position_embeddings"][1] is sin and shared.kwargs["flag"] is True
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_files_get_the_modes_the_umask_gives(tmp_path, calib_ids, umask):
+    """The output is staged in a mkdtemp directory (drwx------) and renamed into place: without
+    publishing it, a serving process under another user could not read the model."""
+    import os
+    import stat
+
+    model = make_tiny("llama")
+    report = prune_(model, calib_ids, PruneConfig(method="magnitude", sparsity=0.5))
+    old = os.umask(umask)
+    try:
+        out = save(model, None, report, tmp_path / "pruned")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"model.safetensors", "config.json", "alsparse_report.json"}
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name

@@ -53,19 +53,21 @@ def minmax_scale(values: torch.Tensor, high: float) -> torch.Tensor:
 
 
 def shift_to_mean(
-    sparsity: torch.Tensor, sizes: torch.Tensor, target: float, lo: float = 0.0, hi: float = MAX_SPARSITY
+    sparsity: torch.Tensor, sizes: torch.Tensor, target: float, lo=0.0, hi=MAX_SPARSITY
 ) -> torch.Tensor:
     """clip(s + t, lo, hi) with the scalar t chosen (bisection, then an exact linear step on the
-    unclipped units) so that the size-weighted mean is exactly ``target``. Order-preserving; a pure
-    shift when nothing is clipped."""
-    if not lo <= target <= hi:
-        raise ValueError(f"target {target} is outside the allowed sparsity range [{lo}, {hi}]")
+    unclipped units) so that the size-weighted mean is exactly ``target``. ``lo``/``hi``: scalars or
+    per-unit ``[L]`` bounds. Order-preserving under scalar bounds; a pure shift when nothing is clipped."""
+    lo_t = torch.as_tensor(lo, dtype=torch.float64).expand_as(sparsity)
+    hi_t = torch.as_tensor(hi, dtype=torch.float64).expand_as(sparsity)
     weights = sizes / sizes.sum()  # [L]
+    if not float(torch.sum(weights * lo_t)) - 1e-12 <= target <= float(torch.sum(weights * hi_t)) + 1e-12:
+        raise ValueError(f"target {target} is outside the allowed sparsity range [{lo}, {hi}]")
 
     def mean_at(shift: float) -> float:
-        return float(torch.sum(weights * (sparsity + shift).clamp(lo, hi)))
+        return float(torch.sum(weights * torch.clamp(sparsity + shift, lo_t, hi_t)))
 
-    low, high = lo - float(sparsity.max()), hi - float(sparsity.min())  # mean_at: lo .. hi
+    low, high = float((lo_t - sparsity).min()), float((hi_t - sparsity).max())  # mean_at: lo .. hi
     for _ in range(200):
         middle = 0.5 * (low + high)
         if mean_at(middle) < target:
@@ -73,7 +75,7 @@ def shift_to_mean(
         else:
             high = middle
     shift = 0.5 * (low + high)
-    free = ((sparsity + shift) > lo) & ((sparsity + shift) < hi)
+    free = ((sparsity + shift) > lo_t) & ((sparsity + shift) < hi_t)
     if bool(free.any()):
         shift += (target - mean_at(shift)) / float(weights[free].sum())
-    return (sparsity + shift).clamp(lo, hi)
+    return torch.clamp(sparsity + shift, lo_t, hi_t)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from alsparse.allocation._common import as_vector, minmax_scale
+from alsparse.allocation._common import as_vector, minmax_scale, shift_to_mean
 from alsparse.allocation.lp import LPSolution, check_problem
 
 
@@ -36,33 +36,8 @@ def solve_graded(c, sizes, target: float, s_lo, s_hi, strength: float) -> LPSolu
     flat = strength == 0 or float(c_hat.max()) == 0.0
     if flat and bool(((s_lo <= target) & (target <= s_hi)).all()):
         return _solution(c_hat, torch.full_like(c_hat, target), strength, target, weights, 0)  # uniform, exactly
-    sparsity, steps = _meet_budget(target - strength * c_hat, weights, target, s_lo, s_hi)
-    return _solution(c_hat, sparsity, strength, target, weights, steps)
-
-
-def _meet_budget(raw: torch.Tensor, weights, target: float, s_lo, s_hi) -> tuple[torch.Tensor, int]:
-    """clip(raw + shift, s_lo, s_hi) with the scalar shift giving sum_i p_i s_i == target: bisection
-    on the monotone budget, then one exact linear step on the units no bound holds."""
-
-    def mean_at(shift: float) -> float:
-        return float(torch.sum(weights * torch.clamp(raw + shift, s_lo, s_hi)))
-
-    low, high = float((s_lo - raw).min()), float((s_hi - raw).max())  # mean_at(low) <= S <= mean_at(high)
-    steps = 0
-    for steps in range(1, 201):
-        middle = 0.5 * (low + high)
-        if mean_at(middle) < target:
-            low = middle
-        else:
-            high = middle
-        if high - low < 1e-15:
-            break
-    shift = 0.5 * (low + high)
-    moved = raw + shift
-    free = (moved > s_lo) & (moved < s_hi)
-    if bool(free.any()):
-        shift += (target - mean_at(shift)) / float(weights[free].sum())
-    return torch.clamp(raw + shift, s_lo, s_hi), steps
+    sparsity = shift_to_mean(target - strength * c_hat, weights, target, s_lo, s_hi)  # the multiplier nu
+    return _solution(c_hat, sparsity, strength, target, weights, 200)
 
 
 def _solution(c_hat, sparsity, strength, target, weights, steps) -> LPSolution:

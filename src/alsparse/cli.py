@@ -34,15 +34,17 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--calib", default="wikitext2", help="calibration corpus name or a .txt file (default: wikitext2 validation)")
     pr.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32; papers use 128)")
     pr.add_argument("--seqlen", type=int, default=1024, help="tokens per window (default 1024; papers use 2048)")
-    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--seed", type=int, default=0,
+                    help="seed of the calibration sample and the RM token subset (default 0); same seed, same masks")
     pr.add_argument("--batch-size", type=int, default=None,
                     help="calibration windows per micro-batch (default 4; 1 with --from-disk, the least memory: "
                          "on SmolLM2 at 32 x 1024, 0.67-0.72 against 0.83 GiB, and no slower on CPU)")
     pr.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
-    pr.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    pr.add_argument("--dtype", default="float32", help="weights dtype: float32 | bfloat16 | float16 (default float32)")
     pr.add_argument("--offload", default="device", help="where calibration activations live: device | cpu")
     pr.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="replace an existing --out directory (only once the new one is complete)")
     pr.add_argument("--resume", action="store_true",
                     help="continue an interrupted run from its per-block checkpoints (OUT.alsparse-ckpt)")
     pr.add_argument("--from-disk", action="store_true",
@@ -50,21 +52,23 @@ def _parser() -> argparse.ArgumentParser:
                          "one block whatever the model size (needs a local safetensors directory)")
     pr.add_argument("--no-checkpoint", action="store_true",
                     help="do not write per-block checkpoints (saves disk: they take the pruned model's size)")
-    pr.add_argument("--trust-remote-code", action="store_true")
+    pr.add_argument("--trust-remote-code", action="store_true",
+                    help="allow a model directory's own Python code to run (off: such models are refused)")
     pr.add_argument("--eval", action="store_true", help="evaluate dense and pruned models, side by side")
     _add_als_args(pr)
     _add_eval_args(pr, prefix="eval-")
 
     ev = sub.add_parser("eval", help="evaluate a model: perplexity (named protocol) and zero-shot accuracy")
     ev.add_argument("model", help="local HF directory, hub id, .gguf file, or 'smollm2-135m'")
-    ev.add_argument("--dtype", default="float32")
+    ev.add_argument("--dtype", default="float32", help="weights dtype: float32 | bfloat16 | float16 (default float32)")
     ev.add_argument("--device", default=None)
     ev.add_argument("--json", dest="json_out", help="also write the results as JSON to this file")
     ev.add_argument("--stream", action="store_true",
                     help="keep the model on CPU and onload one block at a time to --device (models larger than it)")
     ev.add_argument("--from-disk", action="store_true",
                     help="read each block from the safetensors files only for its forward (implies --stream)")
-    ev.add_argument("--trust-remote-code", action="store_true")
+    ev.add_argument("--trust-remote-code", action="store_true",
+                    help="allow a model directory's own Python code to run (off: such models are refused)")
     _add_eval_args(ev, prefix="")
 
     sub.add_parser("ls", help="list registered pruners, allocators, corpora and tasks")
@@ -123,10 +127,14 @@ def _add_als_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--als-tokens", type=int, default=4096, help="tokens kept per unit for RM (0 = all, exact)")
     g.add_argument("--als-windows", type=int, default=8, help="calibration windows pass 1 runs (0 = all; paper 16)")
     b = p.add_argument_group("baseline allocator options")
-    b.add_argument("--owl-lambda", type=float, default=0.08)
-    b.add_argument("--owl-m", type=float, default=5.0)
-    b.add_argument("--dlp-alpha", type=float, default=0.15)
-    b.add_argument("--alpha-eps", type=float, default=0.3)
+    b.add_argument("--owl-lambda", type=float, default=0.08,
+                   help="OWL: the sparsity spread is 2 x lambda around the target (default 0.08)")
+    b.add_argument("--owl-m", type=float, default=5.0,
+                   help="OWL: a Wanda score above M x its block's mean counts as an outlier (default 5)")
+    b.add_argument("--dlp-alpha", type=float, default=0.15,
+                   help="DLP: densities span 2 x alpha around 1 - target (default 0.15)")
+    b.add_argument("--alpha-eps", type=float, default=0.3,
+                   help="AlphaPruning: sparsities span [S (1 - eps), S (1 + eps)] before rescaling (default 0.3)")
     b.add_argument("--atp-beta", type=float, default=None, help="default: chosen by held-out calibration loss")
     b.add_argument("--strength-search", default="oneshot",
                    help="how ATP's beta / graded ALS's strength candidates are scored on the held-out quarter of the "

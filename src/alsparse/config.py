@@ -138,7 +138,9 @@ class PruneConfig:
         pattern = Pattern.parse(self.pattern)
         object.__setattr__(self, "pattern", str(pattern))
         if not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
-            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
+            hint = (f" (did you mean {self.sparsity / 100:g}?)"
+                    if isinstance(self.sparsity, (int, float)) and 1 < self.sparsity < 100 else "")
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}{hint}")
         if pattern.is_nm and abs(pattern.sparsity - self.sparsity) > 1e-9:
             object.__setattr__(self, "sparsity", pattern.sparsity)
         if self.allocation == "file" and not self.allocation_file:

@@ -57,7 +57,24 @@ BAD = [
     (["--allocation", "als", "--als-bounds", "absolute", "--als-smin", "0.6", "--als-smax", "0.8"], "infeasible"),
     (["--seqlen", "100000"], "longer than the model's context"),
     (["--nsamples", "0"], "--nsamples must be >= 1"),
+    (["--sparsity", "50"], "got 50.0 (did you mean 0.5?)"),
+    (["--allocation", "als", "--als-strength-grid", "0,x"], "--als-strength-grid must be comma-separated numbers"),
+    (["--allocation", "als", "--als-strength", "-0.1"], "als strength must be in [0, 1)"),
+    (["--strength-search", "bogus"], "strength_search 'bogus' is not valid; choose one of: oneshot, sequential"),
 ]
+
+
+def test_every_prune_option_has_help(capsys):
+    try:
+        assert main(["prune", "--help"]) == 0
+    except SystemExit as exc:  # argparse's own exit, if main lets it through
+        assert exc.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for flag, words in (("--seed", "same seed, same masks"), ("--overwrite", "replace an existing"),
+                        ("--trust-remote-code", "own Python code"), ("--owl-lambda", "2 x lambda"),
+                        ("--owl-m", "outlier"), ("--dlp-alpha", "2 x alpha"), ("--alpha-eps", "eps"),
+                        ("--dtype", "default float32"), ("--als-strength", "held-out calibration")):
+        assert flag in text and words in text, flag
 
 
 @pytest.mark.parametrize("extra,message", BAD)

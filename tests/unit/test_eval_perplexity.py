@@ -146,3 +146,11 @@ def test_tokenizer_and_text_form_equals_ids_form():
     assert from_text["nll"] == token_perplexity(model, ids, 8)["nll"]
     with pytest.raises(ValueError, match="text"):
         token_perplexity(model, tokenizer, 8)
+
+
+def test_perplexity_progress_goes_to_stderr_when_not_a_terminal(capsys):
+    """`alsparse eval` was silent for minutes: the bars were disabled off a TTY (tqdm disable=None)."""
+    ids = torch.randint(0, 97, (1, 400), generator=torch.Generator().manual_seed(0))
+    token_perplexity(UniformLM(97), ids, seq_len=64)
+    captured = capsys.readouterr()
+    assert "token-ppl" in captured.err and "6/6" in captured.err and captured.out == ""

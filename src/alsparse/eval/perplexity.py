@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.calibration import encode_text, needs_bos
+from ..distributed import is_main
 from .forward import eval_mode, forward_logits, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def token_perplexity(
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
     total_nll, predicted = 0.0, 0
     with eval_mode(model):
-        for start in tqdm(range(0, windows.shape[0], batch_size), desc="token-ppl", disable=None):
+        for start in tqdm(range(0, windows.shape[0], batch_size), desc="token-ppl", disable=not is_main()):
             batch = windows[start:start + batch_size]  # [B, T]
             logits = forward_logits(model, batch)  # [B, T, V]
             for row in range(batch.shape[0]):
@@ -146,7 +147,7 @@ def word_perplexity(
     docs = list(documents)[:limit] if limit is not None else list(documents)
     total_nll, words, n_bytes, n_tokens = 0.0, 0, 0, 0
     with eval_mode(model):
-        for doc in tqdm(docs, desc="word-ppl", disable=None):
+        for doc in tqdm(docs, desc="word-ppl", disable=not is_main()):
             tokens = encode_text(tokenizer, detokenize(doc) if detokenize else doc)[0].tolist()
             for context, continuation in rolling_windows(tokens, prefix_token_id, max_length):
                 total_nll -= continuation_logprob(model, context, continuation, max_length)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..data.calibration import needs_bos
 from ..data.tasks import TASKS, MultipleChoiceItem, metric_of_record
+from ..distributed import is_main
 from .forward import eval_mode, forward_logits, model_max_length, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def score_requests(model, requests: Sequence[tuple[list[int], list[int]]], batch
     order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][0]))
     scores = [0.0] * len(prepared)
     with eval_mode(model):
-        for start in tqdm(range(0, len(order), batch_size), desc="loglikelihood", disable=None):
+        for start in tqdm(range(0, len(order), batch_size), desc="loglikelihood", disable=not is_main()):
             chunk = order[start:start + batch_size]
             for index, score in zip(chunk, _score_batch(model, [prepared[i] for i in chunk], pad_id)):
                 scores[index] = score

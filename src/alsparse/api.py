@@ -90,6 +90,8 @@ def _prune(model, calibration, config, calibration_info, pass1_cache, checkpoint
                 acts = _capture(model, calibration, device, config)
     elif given is not None:
         allocation = given
+        if checkpoint is not None:
+            checkpoint.save_allocation(allocation.state())
         if pruner.needs_calibration:
             with timer("capture"):
                 acts = _capture(model, calibration, device, config)
@@ -109,8 +111,11 @@ def _prune(model, calibration, config, calibration_info, pass1_cache, checkpoint
 def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_cache):
     """The capture, pass 1 (or its cached result), the strength search the config leaves open
     (ATP's beta, graded ALS's strength) and the allocator."""
+    searching = _searches(model, config)
+    # the search's held-out windows stay out of the importance too
+    pass1_config = _pass1_on_fit_windows(config, calibration) if searching and "features" in needs else config
     use_cache = bool(needs) and pass1_cache is not None and isinstance(calibration, torch.Tensor)
-    key = pass1_key(config, needs, fingerprint(calibration)) if use_cache else None
+    key = pass1_key(pass1_config, needs, fingerprint(calibration)) if use_cache else None
     cached = pass1_cache.get(key) if key is not None else None
     acts = None
     if pruner.needs_calibration or (needs and cached is None):
@@ -121,22 +126,38 @@ def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_ca
             log.info("pass 1: reusing the cached dense statistics")
             data = cached
         else:
-            data = collect_pass1(model, acts, device, config, needs) if needs else {}
+            data = collect_pass1(model, acts, device, pass1_config, needs) if needs else {}
             if key is not None:
                 pass1_cache[key] = data
     search = {}
-    if _searches(model, config):
+    if searching:
         _check_calibration(calibration)
         from .strength import select
 
+        acts = None  # the search holds activations of its own; the pruning pass captures again below
         with timer("strength_search"):
             config, search = select(model, calibration, config, data, device)
+        if pruner.needs_calibration:
+            with timer("capture"):
+                acts = _capture(model, calibration, device, config)
     with timer("allocation"):
         allocation = allocate(model, config, data)
         allocation.diagnostics.update(search)
     if not pruner.needs_calibration:
         acts = None  # captured for pass 1 only: a data-free pruner need not run the blocks again
     return config, acts, allocation
+
+
+def _pass1_on_fit_windows(config, calibration):
+    """``config`` whose pass 1 reads only windows the strength search fits on (not its held-out ones)."""
+    import dataclasses
+
+    from .strength import split
+
+    _check_calibration(calibration)
+    fit = int(split(calibration)[0].shape[0])
+    windows = fit if config.als.windows is None else min(config.als.windows, fit)
+    return dataclasses.replace(config, als=dataclasses.replace(config.als, windows=windows))
 
 
 def _searches(model, config) -> bool:

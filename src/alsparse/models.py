@@ -64,18 +64,27 @@ def _module_at(model: nn.Module, path: str):
     return module
 
 
+def head_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules that turn the last block's output into logits, in order (see HEAD_PATHS)."""
+    modules = []
+    for path in HEAD_PATHS[family(model)]:
+        module = _module_at(model, path.rstrip("?"))
+        if module is None and not path.endswith("?"):
+            raise UnsupportedModelError(f"{type(model).__name__} has no {path}: cannot compute logits from "
+                                        "the last block's output")
+        if module is not None:
+            modules.append(module)
+    return modules
+
+
 def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Logits ``[B, T, V]`` (float32) from the last decoder block's output ``hidden [B, T, D]``,
-    as the model's own forward computes them; each head module is onloaded to ``hidden``'s device."""
+    as the model's own forward computes them; each head module is onloaded to ``hidden``'s device
+    (a no-op when the caller has onloaded them already)."""
     with contextlib.ExitStack() as stack:
         out = hidden
-        for path in HEAD_PATHS[family(model)]:
-            module = _module_at(model, path.rstrip("?"))
-            if module is None and not path.endswith("?"):
-                raise UnsupportedModelError(f"{type(model).__name__} has no {path}: cannot compute logits from "
-                                            "the last block's output")
-            if module is not None:
-                out = stack.enter_context(onload(module, hidden.device))(out)
+        for module in head_modules(model):
+            out = stack.enter_context(onload(module, hidden.device))(out)
     out = out.float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(out / cap) * cap if cap else out

@@ -21,6 +21,7 @@ This module calls the engine (:mod:`alsparse.api`); the engine calls it only thr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -98,7 +99,7 @@ def select(model, calibration: torch.Tensor, config: PruneConfig, data: dict, de
     configs = [open_knob.set(config, value) for value in open_knob.candidates]
     allocations = [allocate(model, cfg, data, warn=False) for cfg in configs]  # from the same pass-1 data
     if config.strength_search == "sequential":
-        losses = [sequential_loss(model, fit, heldout, cfg, a) for cfg, a in zip(configs, allocations)]
+        losses = [_finite(sequential_loss(model, fit, heldout, cfg, a)) for cfg, a in zip(configs, allocations)]
     else:
         losses = oneshot_losses(model, fit, heldout, allocations, config, device)
     best = min(range(len(losses)), key=lambda i: (losses[i], i))
@@ -154,7 +155,7 @@ def oneshot_losses(model, fit: torch.Tensor, heldout: torch.Tensor, allocations:
                    device) -> list[float]:
     """Held-out loss of every allocation, each block pruned from the dense model's inputs (see the
     module doc); allocations that are equal are scored once."""
-    from .capture import BlockStep, capture_block_inputs, record_input_stats, stream_blocks
+    from .capture import capture_block_inputs, stream_blocks
     from .lazy import release_resident, restore_resident
     from .pruning import PRUNERS
 
@@ -165,8 +166,25 @@ def oneshot_losses(model, fit: torch.Tensor, heldout: torch.Tensor, allocations:
     restore_resident(model)  # streamed from disk: the embeddings and head, released after the capture
     fit_acts, _ = _capture(model, fit, device, config, capture_block_inputs)
     held_acts, held_sharded = _capture(model, heldout, device, config, capture_block_inputs)
-    hidden = [[h.clone() for h in held_acts.hidden] for _ in unique]  # per candidate, per micro-batch
-    for step in stream_blocks(model, fit_acts, device, desc="strength search (oneshot)", consume=True):
+    # per candidate, per micro-batch: a block's run replaces list entries, never the tensors, so the
+    # candidates share the captured inputs until their first block
+    hidden = [list(held_acts.hidden) for _ in unique]
+    try:
+        with contextlib.closing(stream_blocks(model, fit_acts, device, desc="strength search (oneshot)",
+                                              consume=True)) as stream:
+            _score_blocks(stream, held_acts, hidden, unique, pruner, config, device)
+        sums = _heldout_sums(model, heldout, held_acts, hidden, device, reduce=held_sharded)
+    finally:
+        release_resident(model)
+    return [_finite(sums[k][0] / sums[k][1]) for k in index]
+
+
+def _score_blocks(stream, held_acts, hidden, unique, pruner, config, device) -> None:
+    """Per block: dense statistics of the fit windows, then each candidate's pruned block run on its
+    held-out hidden states (in place), the dense weights put back after each."""
+    from .capture import BlockStep, record_input_stats
+
+    for step in stream:
         stats = {}
         if pruner.needs_calibration:
             stats = record_input_stats(step, pruner.needs_norms, pruner.needs_hessian, keep_outputs=True)
@@ -181,9 +199,14 @@ def oneshot_losses(model, fit: torch.Tensor, heldout: torch.Tensor, allocations:
         finally:
             for ref, weight in zip(step.linears, dense):
                 ref.write_(weight)
-    sums = _heldout_sums(model, heldout, held_acts, hidden, device, reduce=held_sharded)
-    release_resident(model)
-    return [sums[k][0] / sums[k][1] for k in index]
+
+
+def _finite(loss: float) -> float:
+    """A NaN loss (a candidate that broke the model) never wins: it scores +inf."""
+    if loss != loss:
+        log.warning("a strength candidate gave a NaN held-out loss; it is scored as +inf")
+        return float("inf")
+    return loss
 
 
 def _key(allocation) -> tuple:
@@ -197,7 +220,7 @@ def _capture(model, ids, device, config, capture_block_inputs):
     windows, world = int(ids.shape[0]), distributed.world_size()
     if windows < world:
         return capture_block_inputs(model, ids, device, config.batch_size, config.offload), False
-    batch = min(config.batch_size, -(-windows // world))
+    batch = max(1, min(config.batch_size, windows // world))  # at least one micro-batch per process
     starts = distributed.shard_starts(windows, batch)
     return capture_block_inputs(model, ids, device, batch, config.offload, starts=starts), world > 1
 
@@ -211,10 +234,12 @@ def _prune_block(step, stats, pruner, allocation, config) -> None:
 
 def _heldout_sums(model, heldout, held_acts, hidden, device, reduce: bool) -> list[tuple[float, int]]:
     """(summed NLL, predicted tokens) per candidate over all processes' held-out windows."""
-    from .models import head_logits
+    from .models import head_logits, head_modules, onload
 
     sums = torch.zeros(len(hidden), 2, dtype=torch.float64)
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.ExitStack() as onloaded:
+        for module in head_modules(model):  # once, not per window (a CPU-resident head, CUDA compute)
+            onloaded.enter_context(onload(module, device))
         for k, per_batch in enumerate(hidden):
             for j, h in enumerate(per_batch):
                 start = held_acts.starts[j]

@@ -118,8 +118,10 @@ def test_infeasible_als_bounds_name_the_target(tmp_path):
 
 def test_als_pass1_uses_only_the_first_windows(tmp_path):
     ids = torch.randint(1, 96, (8, 16), generator=torch.Generator().manual_seed(0))
-    for windows, expected in ((2, 2), (None, 8)):
-        cfg = PruneConfig(allocation="als", batch_size=2, als=ALSOptions(windows=windows, tokens=None))
+    # a strength search holds the last quarter out of pass 1 as well: 6 of the 8 windows
+    for windows, strength, expected in ((2, None, 2), (None, None, 6), (None, 0.1, 8)):
+        cfg = PruneConfig(allocation="als", batch_size=2,
+                          als=ALSOptions(windows=windows, tokens=None, strength=strength))
         report = prune_(make_tiny("llama"), ids, cfg)
         diag = report.allocation["diagnostics"]
         assert diag["rm_windows"] == expected and diag["rm_tokens"] == expected * 16

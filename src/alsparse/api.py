@@ -138,6 +138,7 @@ def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_ca
         with timer("strength_search"):
             config, search = select(model, calibration, config, data, device)
         if pruner.needs_calibration:
+            restore_resident(model)  # from disk: the search released the embeddings again
             with timer("capture"):
                 acts = _capture(model, calibration, device, config)
     with timer("allocation"):

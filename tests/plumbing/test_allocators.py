@@ -47,7 +47,7 @@ def test_allocator_contract(name, level, family, tmp_path):
 
 @pytest.mark.parametrize("name,level", CASES)
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
-@pytest.mark.parametrize("family,sparsity", [("llama", 0.6), ("opt", 0.7), ("qwen3", 0.55)])
+@pytest.mark.parametrize("family,sparsity", [("llama", 0.6), ("opt", 0.7)])
 def test_achieved_sparsity_is_the_target(name, level, method, family, sparsity, tmp_path):
     """Size-weighted achieved == target within 1e-4 for every allocator x pruner, on widths (32, 64)
     that no per-row floor divides at these targets (0.6 * 32 = 19.2): the remainder of the rounding

@@ -118,7 +118,8 @@ def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_ca
     key = pass1_key(pass1_config, needs, fingerprint(calibration)) if use_cache else None
     cached = pass1_cache.get(key) if key is not None else None
     acts = None
-    if pruner.needs_calibration or (needs and cached is None):
+    # a search captures for the pruning pass after it has run: before it, only pass 1 needs the inputs
+    if (pruner.needs_calibration and not searching) or (needs and cached is None):
         with timer("capture"):
             acts = _capture(model, calibration, device, config)
     with timer("pass1"):

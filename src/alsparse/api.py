@@ -66,6 +66,8 @@ def prune_(
                       pruner, device, needs, allocation)
     finally:
         restore_resident(model)  # a lazy model's embeddings etc., dropped after the capture
+        if checkpoint is not None:
+            checkpoint.release()  # the checkpoints stay; another process may use them now
 
 
 def _prune(model, calibration, config, calibration_info, pass1_cache, checkpoint, resume, on_block, pruner, device,

@@ -11,6 +11,7 @@ block k; a damaged checkpoint is logged and that block redone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -89,7 +90,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -115,6 +116,7 @@ class BlockCheckpoints:
         self.dir = Path(directory)
         self.manifest: dict[str, Any] = {}
         self.writer = True  # False in data-parallel processes other than rank 0: they only read
+        self._lock = contextlib.ExitStack()
 
     def _block(self, index: int, suffix: str) -> Path:
         return self.dir / f"block-{index:05d}.{suffix}"
@@ -126,7 +128,24 @@ class BlockCheckpoints:
     def open(self, fingerprint: dict[str, Any], resume: bool) -> Optional[dict[str, Any]]:
         """Start or resume. Returns the saved allocation state when resuming (None otherwise).
         An existing checkpoint without ``resume`` is refused (it may be hours of work); one made
-        by a different run is refused with the differences named."""
+        by a different run is refused with the differences named. The directory stays locked
+        against other processes (:mod:`alsparse.locks`) until :meth:`release` or :meth:`remove`:
+        a second run on it (two resumes of one interrupted prune) fails at once with InUseError
+        instead of interleaving blocks."""
+        from .locks import exclusive, lock_path_for
+
+        self._lock.enter_context(exclusive(lock_path_for(self.dir), f"checkpoint directory {self.dir}"))
+        try:
+            return self._open(fingerprint, resume)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let other processes use the directory (the checkpoints stay)."""
+        self._lock.close()
+
+    def _open(self, fingerprint: dict[str, Any], resume: bool) -> Optional[dict[str, Any]]:
         manifest_path = self.dir / MANIFEST
         if manifest_path.is_file():
             if not resume:
@@ -180,7 +199,7 @@ class BlockCheckpoints:
         weights, digest = self._block(index, "safetensors"), self._block(index, "sha256")
         if not weights.is_file() or not digest.is_file():
             return False
-        if _sha256(weights) != digest.read_text().strip():
+        if sha256_file(weights) != digest.read_text().strip():
             log.warning("checkpoint of block %d (%s) is damaged (SHA-256 mismatch); pruning it again", index, weights)
             return False
         return True
@@ -200,3 +219,4 @@ class BlockCheckpoints:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        self.release()

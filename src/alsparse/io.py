@@ -64,21 +64,26 @@ def save(
 
 @contextlib.contextmanager
 def _staging(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """A temporary sibling directory that replaces ``out_dir`` only if the block succeeds."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out} exists; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        from .fsmodes import publish_modes
+    """A temporary sibling directory that replaces ``out_dir`` only if the block succeeds. The
+    output is locked against other processes meanwhile: of two saves to one path, the second fails
+    at once with :class:`~alsparse.locks.InUseError` and the first's files are left whole."""
+    from .locks import exclusive, lock_path_for
 
-        publish_modes(tmp)  # mkdtemp's drwx------ would make the model private to this user
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    out = Path(out_dir)
+    with exclusive(lock_path_for(out), f"output directory {out}"):
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"output directory {out} exists; pass overwrite=True (--overwrite) to replace it")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            yield tmp
+            from .fsmodes import publish_modes
+
+            publish_modes(tmp)  # mkdtemp's drwx------ would make the model private to this user
+            replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def _write_streamed_weights(model: nn.Module, checkpoints: BlockCheckpoints, tmp: Path) -> None:
@@ -119,7 +124,8 @@ def _write_streamed_weights(model: nn.Module, checkpoints: BlockCheckpoints, tmp
         model.generation_config.save_pretrained(tmp)
 
 
-def _replace_dir(new: Path, out: Path) -> None:
+def replace_dir(new: Path, out: Path) -> None:
+    """Put directory ``new`` at ``out``; an existing ``out`` is removed only once ``new`` is there."""
     if not out.exists():
         os.replace(new, out)
         return

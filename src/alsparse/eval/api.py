@@ -16,6 +16,9 @@ from .zeroshot import score_task
 
 log = logging.getLogger(__name__)
 DEFAULT_SEQ_LEN = 2048
+# The windows every token-ppl figure in README / docs/RESULTS.md uses (../shared/PROTOCOLS.md:
+# WikiText-2 test, the first 40 windows of 1024 tokens). The default above is the papers' seq_len.
+HEADLINE_SEQ_LEN, HEADLINE_WINDOWS = 1024, 40
 
 
 def _positive(name: str, value: int | None, allow_none: bool = True) -> None:
@@ -141,4 +144,18 @@ def format_results(results: dict) -> str:
             rows.append(["mean", "", "of record", f"{mean['value']:.4f}", "", ""])
         blocks.append(["zero-shot (lm-eval multiple-choice log-likelihood; value = the task's metric of record)"]
                       + _table(["task", "n", "metric", "value", "acc", "acc_norm"], rows))
-    return "\n\n".join("\n".join(block) for block in blocks)
+    note = headline_note(results.get("token_ppl") or {})
+    return "\n\n".join("\n".join(block) for block in blocks) + (f"\n{note}" if note else "")
+
+
+def headline_note(token_ppl: dict) -> str:
+    """One line when a token-ppl figure was measured on other windows than the docs' figures, so
+    that nobody compares the two: what the docs use and the flags that reproduce it."""
+    other = [r for r in token_ppl.values() if (r["seq_len"], r["windows"]) != (HEADLINE_SEQ_LEN, HEADLINE_WINDOWS)]
+    if not other:
+        return ""
+    seen = sorted({(r["seq_len"], r["windows"]) for r in other})
+    here = ", ".join(f"seq_len {n}, {w} windows" for n, w in seen)
+    return (f"note: this token-ppl used {here}; the figures in README and docs/RESULTS.md use the first "
+            f"{HEADLINE_WINDOWS} windows of {HEADLINE_SEQ_LEN} tokens (--seq-len {HEADLINE_SEQ_LEN} "
+            f"--limit {HEADLINE_WINDOWS}); compare only like with like")

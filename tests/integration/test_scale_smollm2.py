@@ -78,10 +78,13 @@ def test_smollm2_from_disk_is_identical_in_far_less_memory(real_model_dir, tmp_p
 
 
 @pytest.mark.parametrize("extra", [
-    ["--method", "wanda"],
-    ["--method", "sparsegpt"],
-    ["--method", "wanda", "--allocation", "als"],
-], ids=["wanda", "sparsegpt", "wanda-als"])
+    # the default run keeps the case that exercises the most (pass 1, the strength search and the
+    # prune, all under torchrun); the pruner-only cases repeat tests/plumbing/test_distributed.py on
+    # the real model and take 4 minutes between them: slow tier
+    pytest.param(["--method", "wanda"], marks=pytest.mark.slow, id="wanda"),
+    pytest.param(["--method", "sparsegpt"], marks=pytest.mark.slow, id="sparsegpt"),
+    pytest.param(["--method", "wanda", "--allocation", "als"], id="wanda-als"),
+])
 def test_smollm2_two_processes_equal_one(real_model_dir, tmp_path, extra):
     # one thread per process in both runs, so every micro-batch is computed by the same kernels
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

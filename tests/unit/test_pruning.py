@@ -201,3 +201,37 @@ def test_pruners_prune_exactly_round_s_numel(method, shape):
     for k in (1, shape[0] * shape[1] * 3 // 5 + 1, shape[0] * shape[1] - 1):
         new = PRUNERS.get(method).prune(weight, stats, k / weight.numel(), Pattern(), blocksize=8)
         assert int((new == 0).sum()) == k, (method, shape, k)
+
+
+def test_sparsegpt_inverse_factor_matches_the_reference_sequence():
+    # ours: chol of the flipped H and one triangular solve; the reference code's: cholesky_inverse
+    # then a second Cholesky. Same upper factor U of H^-1 = U^T U, to float rounding.
+    torch.manual_seed(0)
+    x = torch.randn(256, 64)
+    H = x.T @ x
+    damped = H + 0.01 * torch.mean(torch.diag(H)) * torch.eye(64)
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    ours = F._inverse_cholesky_upper(H, 0.01)
+    assert torch.equal(ours, ours.triu()) and bool((torch.diag(ours) > 0).all())
+    assert torch.allclose(ours, reference, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(ours.T @ ours @ damped, torch.eye(64), atol=1e-3)
+
+
+def test_sparsegpt_reuses_the_prepared_hessian_across_ratios(monkeypatch):
+    torch.manual_seed(1)
+    stats = InputStats(32, "cpu", norms=False, hessian=True)
+    stats.update(torch.randn(128, 32))
+    weight = torch.randn(16, 32)
+    calls = []
+    real = F.prepare_hessian
+    monkeypatch.setattr(F, "prepare_hessian", lambda h, d: (calls.append(d), real(h, d))[1])
+    pruner, pattern = PRUNERS.get("sparsegpt"), Pattern.parse("unstructured")
+    pruned = {s: pruner.prune(weight, stats, s, pattern) for s in (0.3, 0.5, 0.7)}
+    assert calls == [0.01], "one inverse for three ratios"
+    for s, w in pruned.items():
+        assert torch.equal(w, F.sparsegpt(weight, stats.hessian, s, pattern)), s
+    calls.clear()
+    stats.update(torch.randn(8, 32))  # new statistics: prepared again
+    pruner.prune(weight, stats, 0.5, pattern)
+    pruner.prune(weight, stats, 0.6, pattern)
+    assert calls == [0.01]

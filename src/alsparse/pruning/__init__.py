@@ -46,7 +46,8 @@ class Wanda(Pruner):
 
 class SparseGPT(Pruner):
     def prune(self, weight, stats, sparsity, pattern, blocksize=128, damp=0.01, **options):
-        return F.sparsegpt(weight, stats.hessian, sparsity, pattern, blocksize=blocksize, damp=damp)
+        prepared = stats.derived(("sparsegpt_hessian", damp), lambda: F.prepare_hessian(stats.hessian, damp))
+        return F.sparsegpt(weight, None, sparsity, pattern, blocksize=blocksize, damp=damp, prepared=prepared)
 
 
 PRUNERS.register("magnitude")(Magnitude("magnitude", description="|W|, k lowest per matrix"))

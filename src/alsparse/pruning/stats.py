@@ -14,11 +14,13 @@ class InputStats:
         self.tokens = 0
         self._sq = torch.zeros(in_features, dtype=torch.float64, device=device) if norms else None  # [I]
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if hessian else None
+        self._derived: dict = {}  # what pruners compute from the sums (SparseGPT's H^-1), until they change
 
     def update(self, x: torch.Tensor) -> None:
         """Add a micro-batch of inputs ``x [..., I]``."""
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)  # [N, I]
         self.tokens += x.shape[0]
+        self._derived.clear()
         if self._sq is not None:
             self._sq += (x * x).sum(dim=0)
         if self.xtx is not None:
@@ -36,6 +38,13 @@ class InputStats:
             raise ValueError("these statistics were collected without the Hessian")
         return (self.xtx * (2.0 / max(self.tokens, 1))).float()
 
+    def derived(self, key, compute):
+        """``compute()``, kept for later calls with the same ``key`` until the sums change: a
+        strength search prunes each linear at several ratios from the same statistics."""
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
+
     def check_finite(self, where: str) -> None:
         for name, t in (("input norms", self._sq), ("Hessian", self.xtx)):
             if t is not None and not torch.isfinite(t).all():
@@ -46,6 +55,7 @@ class InputStats:
 
     def reduce_(self, op) -> None:
         """Apply a collective (e.g. an all-reduce sum) to every accumulated tensor and the count."""
+        self._derived.clear()
         for t in (self._sq, self.xtx):
             if t is not None:
                 op(t)

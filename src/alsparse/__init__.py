@@ -27,11 +27,16 @@ _EXPORTS = {
 
 
 def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'alsparse' has no attribute {name!r}")
     import importlib
 
+    module = _EXPORTS.get(name)
+    if module is None:  # a submodule (alsparse.sweep, alsparse.io, ...), as the eager imports once gave
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'alsparse' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value

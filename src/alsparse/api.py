@@ -53,7 +53,9 @@ def prune_(
 
     ``checkpoint``: save each pruned block there; with ``resume=True`` an interrupted run's
     checkpoints (same model, calibration and options, else an error) are loaded instead of pruned
-    again, so the run goes on from the first block it had not finished. ``on_block(index, total)``
+    again, so the run goes on from the first block it had not finished. The directory stays locked
+    against other processes until ``checkpoint.remove()`` or ``checkpoint.release()`` (a failed
+    prune releases it), so it can be saved from (:func:`alsparse.io.save`) unraced. ``on_block(index, total)``
     is called after each block is pruned (and checkpointed). ``allocation``: prune with this one
     (pass 1, any strength search and the allocator are skipped), e.g. a search's candidate."""
     pruner = PRUNERS.get(config.method)
@@ -64,10 +66,12 @@ def prune_(
     try:
         return _prune(model, calibration, config, calibration_info, pass1_cache, checkpoint, resume, on_block,
                       pruner, device, needs, allocation)
+    except BaseException:
+        if checkpoint is not None:
+            checkpoint.release()  # the checkpoints stay (for --resume); another process may take them
+        raise
     finally:
         restore_resident(model)  # a lazy model's embeddings etc., dropped after the capture
-        if checkpoint is not None:
-            checkpoint.release()  # the checkpoints stay; another process may use them now
 
 
 def _prune(model, calibration, config, calibration_info, pass1_cache, checkpoint, resume, on_block, pruner, device,
@@ -209,6 +213,8 @@ def _prune_blocks(model, acts, pruner, allocation, config, device, checkpoint, i
         for k, ref in enumerate(step.linears):  # one owner per linear; the others receive its result
             if distributed.owner(k) == distributed.rank():
                 prune_linear(ref, stats.get(ref.name), step.index, pruner, allocation, config)
+                if ref.name in stats:
+                    stats[ref.name].forget_derived()  # pruned once: no H^-1 kept for the rest of the block
         for k, ref in enumerate(step.linears):
             distributed.broadcast_(ref.module.weight.data, src=distributed.owner(k))
         records.extend(_records(step, allocation, prefix))

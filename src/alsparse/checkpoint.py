@@ -145,6 +145,11 @@ class BlockCheckpoints:
         """Let other processes use the directory (the checkpoints stay)."""
         self._lock.close()
 
+    def __del__(self) -> None:  # an object dropped without remove()/release() frees its lock
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()
+
     def _open(self, fingerprint: dict[str, Any], resume: bool) -> Optional[dict[str, Any]]:
         manifest_path = self.dir / MANIFEST
         if manifest_path.is_file():

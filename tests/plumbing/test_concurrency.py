@@ -20,11 +20,24 @@ from alsparse.cli import main
 
 # The slow imports come before the barrier, so the racers reach the contested step within
 # milliseconds of each other.
-_RACER = textwrap.dedent("""
-    import os, sys, time
+# Whoever wins a lock keeps it at least HOLD_S seconds, so a racer that starts late still finds it
+# taken and the outcome does not depend on how the OS schedules the processes.
+HOLD_S = 2.0
+_RACER = textwrap.dedent(f"""
+    import contextlib, os, sys, time
     import torch, transformers
     from alsparse.cli import main
     import alsparse.api, alsparse.sweep, alsparse.sources
+    from alsparse import locks
+    real = locks.exclusive
+
+    @contextlib.contextmanager
+    def held_a_while(*args, **kwargs):
+        with real(*args, **kwargs):
+            time.sleep({HOLD_S})
+            yield
+
+    locks.exclusive = held_a_while
     barrier = sys.argv[1]
     print("ready", flush=True)
     while not os.path.exists(barrier):
@@ -100,6 +113,35 @@ def test_a_killed_holder_leaves_no_lock(tmp_path):
         child.wait(timeout=60)
     with locks.exclusive(lock, "the thing", wait=10):  # the OS dropped the dead process's lock
         assert locks.held(lock)
+
+
+def test_a_filesystem_without_locks_warns_and_runs_unguarded(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+    import logging
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="alsparse.locks"):
+        with locks.exclusive(tmp_path / ".x.lock", "the thing"):
+            ran = True
+    assert ran and "the thing: this filesystem has no OS file locks" in caplog.text
+    assert not locks.held(tmp_path / ".x.lock")
+
+
+def test_nested_holders_release_in_any_order(tmp_path):
+    import contextlib
+
+    lock = tmp_path / "sub" / ".." / ".thing.lock"  # another spelling of the same file
+    first, second = contextlib.ExitStack(), contextlib.ExitStack()
+    first.enter_context(locks.exclusive(tmp_path / ".thing.lock", "the thing"))
+    second.enter_context(locks.exclusive(lock, "the thing"))
+    first.close()  # the outer holder lets go first: the inner one still holds the OS lock
+    assert locks.held(lock)
+    second.close()
+    assert not locks.held(lock)
 
 
 # --- the model cache ----------------------------------------------------------------------------
@@ -215,6 +257,8 @@ def test_an_incomplete_or_foreign_cache_is_converted_again(tiny_gguf, tmp_path, 
     (target / sources.CACHE_MARKER).write_text(json.dumps(marker))
     sources.resolve(str(tiny_gguf))
     assert len(calls) == 3
+    refreshed = json.loads((target / sources.CACHE_MARKER).read_text())["source"]["mtime_ns"]
+    assert refreshed == tiny_gguf.stat().st_mtime_ns, "the new mtime is remembered: no hashing on every load"
 
     stale = target.parent / f".{target.name}.tmp-dead1234"  # a killed conversion's leftovers
     stale.mkdir()
@@ -273,7 +317,9 @@ def test_racing_resumes_of_one_run_do_not_interleave(tiny_model_dir, tmp_path, m
     results = _race(tmp_path, [_prune(tiny_model_dir, out, "--resume")] * 2)
     assert sorted(code for code, _, _ in results) == [0, 2], [err[-1500:] for _, _, err in results]
     winner = next(err for code, _, err in results if code == 0)
+    loser = next(err for code, _, err in results if code == 2)
     assert "blocks before 1 came from the checkpoints" in winner
+    assert f"output directory {out} is in use by another alsparse run (" in loser, loser[-1500:]
     assert _same_weights(out, reference)
 
 

@@ -148,14 +148,15 @@ def format_results(results: dict) -> str:
     return "\n\n".join("\n".join(block) for block in blocks) + (f"\n{note}" if note else "")
 
 
-def headline_note(token_ppl: dict) -> str:
+def headline_note(token_ppl: dict, flag_prefix: str = "") -> str:
     """One line when a token-ppl figure was measured on other windows than the docs' figures, so
-    that nobody compares the two: what the docs use and the flags that reproduce it."""
+    that nobody compares the two: what the docs use and the flags that reproduce it
+    (``flag_prefix="eval-"`` for ``prune --eval``)."""
     other = [r for r in token_ppl.values() if (r["seq_len"], r["windows"]) != (HEADLINE_SEQ_LEN, HEADLINE_WINDOWS)]
     if not other:
         return ""
     seen = sorted({(r["seq_len"], r["windows"]) for r in other})
     here = ", ".join(f"seq_len {n}, {w} windows" for n, w in seen)
     return (f"note: this token-ppl used {here}; the figures in README and docs/RESULTS.md use the first "
-            f"{HEADLINE_WINDOWS} windows of {HEADLINE_SEQ_LEN} tokens (--seq-len {HEADLINE_SEQ_LEN} "
-            f"--limit {HEADLINE_WINDOWS}); compare only like with like")
+            f"{HEADLINE_WINDOWS} windows of {HEADLINE_SEQ_LEN} tokens (--{flag_prefix}seq-len {HEADLINE_SEQ_LEN} "
+            f"--{flag_prefix}limit {HEADLINE_WINDOWS}); compare only like with like")

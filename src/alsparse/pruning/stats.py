@@ -45,6 +45,10 @@ class InputStats:
             self._derived[key] = compute()
         return self._derived[key]
 
+    def forget_derived(self) -> None:
+        """Drop what :meth:`derived` kept (SparseGPT's I x I factor: as large as the Hessian in fp32)."""
+        self._derived.clear()
+
     def check_finite(self, where: str) -> None:
         for name, t in (("input norms", self._sq), ("Hessian", self.xtx)):
             if t is not None and not torch.isfinite(t).all():

@@ -130,6 +130,8 @@ def replace_dir(new: Path, out: Path) -> None:
         os.replace(new, out)
         return
     backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if backup.exists():  # a killed run's, whose pid this process now has (the caller holds the output lock)
+        shutil.rmtree(backup)
     os.replace(out, backup)
     try:
         os.replace(new, out)

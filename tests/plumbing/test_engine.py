@@ -248,3 +248,16 @@ def test_saved_files_get_the_modes_the_umask_gives(tmp_path, calib_ids, umask):
     assert {p.name for p in files} >= {"model.safetensors", "config.json", "alsparse_report.json"}
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
+
+def test_overwrite_survives_a_killed_runs_backup_with_this_pid(calib_ids, tmp_path):
+    import os
+
+    model = make_tiny("llama")
+    report = prune_(model, calib_ids, PruneConfig(method="magnitude", sparsity=0.5))
+    out = save(model, None, report, tmp_path / "pruned")
+    stale = tmp_path / f".pruned.old-{os.getpid()}"  # left by a killed run whose pid was this one
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    save(model, None, report, out, overwrite=True)
+    assert (out / "config.json").is_file() and not stale.exists()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import sweep_cli
+from .fsmodes import write_json_atomic
 from .locks import InUseError
 
 EXIT_USAGE = 2
@@ -223,24 +224,6 @@ def _cmd_eval(args) -> int:
     if args.json_out:
         write_json_atomic(Path(args.json_out), results)
     return 0
-
-
-def write_json_atomic(path: Path, data) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-        from .fsmodes import publish_modes
-
-        publish_modes(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _join_process_group(device: str, args) -> tuple[str, bool]:

@@ -6,7 +6,9 @@ would keep those modes, and a serving process under another user could not read 
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -31,3 +33,19 @@ def publish_modes(path: str | os.PathLike) -> None:
             full = os.path.join(directory, name)
             if not os.path.islink(full):
                 os.chmod(full, 0o666 & ~mask)
+
+
+def write_json_atomic(path: str | os.PathLike, data) -> None:
+    """``data`` as JSON at ``path``: written under a temporary name beside it, given the umask's
+    modes, then renamed into place (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+        publish_modes(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -138,21 +138,9 @@ def write_cache_marker(directory: Path, source: dict[str, Any]) -> None:
     (``source``: path, size, mtime_ns and sha256, taken before the conversion read it)."""
     files = {p.name: p.stat().st_size for p in sorted(directory.iterdir())
              if p.is_file() and p.name != CACHE_MARKER and not p.name.startswith(".")}
-    _write_marker(directory, {"source": source, "files": files})
+    from .fsmodes import write_json_atomic
 
-
-def _write_marker(directory: Path, marker: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{CACHE_MARKER}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(marker, f, indent=1)
-        from .fsmodes import publish_modes
-
-        publish_modes(tmp)
-        os.replace(tmp, directory / CACHE_MARKER)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(directory / CACHE_MARKER, {"source": source, "files": files})
 
 
 def cache_complete(target: Path, gguf: Path) -> bool:
@@ -178,8 +166,10 @@ def cache_complete(target: Path, gguf: Path) -> bool:
 
     if source.get("sha256") != sha256_file(gguf):  # touched or reinstalled: same bytes?
         return False
+    from .fsmodes import write_json_atomic
+
     with contextlib.suppress(OSError):  # the same bytes: remember the new mtime, not to hash them on every load
-        _write_marker(target, {"source": {**source, **now}, "files": files})
+        write_json_atomic(target / CACHE_MARKER, {"source": {**source, **now}, "files": files})
     return True
 
 

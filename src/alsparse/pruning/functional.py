@@ -133,8 +133,7 @@ def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
     H = R R^T for the upper triangular R = J L J, so H^-1 = R^-T R^-1 and U = R^-1 (a triangular
     solve). The reference code's cholesky_inverse + second Cholesky gives the same U to float
     rounding (2.5e-7 relative at 1536) and as fast on an idle CPU, but slower when another process
-    keeps the cores busy: 0.47 against 0.26 s (median) at 1536, and single calls of 5.6 and 11.5 s
-    against 0.2 s seen while a real prune ran (benchmarks/bench_hessian_inverse.py)."""
+    keeps the cores busy: 0.47 against 0.26 s (median) at 1536 (benchmarks/bench_hessian_inverse.py)."""
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     mean_diag = torch.mean(torch.diag(H))
     for attempt in range(3):

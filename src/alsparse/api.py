@@ -8,7 +8,7 @@ from typing import Callable, Iterator, MutableMapping, Optional
 import torch
 from torch import nn
 
-from . import distributed
+from . import compute, distributed
 from .allocate import Allocation, allocate, allocation_needs, block_prefix
 from .capture import BlockStep, capture_block_inputs, record_input_stats, stream_blocks
 from .checkpoint import BlockCheckpoints, run_fingerprint
@@ -16,7 +16,7 @@ from .config import PruneConfig
 from .data.calibration import fingerprint
 from .lazy import release_resident, restore_resident
 from .memory import release_freed_memory
-from .models import decoder_blocks, find_linears, model_device, onload
+from .models import decoder_blocks, find_linears, model_device, onload, weights_dtype
 from .pass1 import cache_key as pass1_key
 from .pass1 import collect as collect_pass1
 from .pruning import PRUNERS
@@ -63,9 +63,13 @@ def prune_(
     needs = allocation_needs(config)
     _check_pattern_fits(model, config)
     _check_lazy(model, config, checkpoint)
+    compute_dtype = compute.resolve(config.compute_dtype, device, weights_dtype(model))
     try:
-        return _prune(model, calibration, config, calibration_info, pass1_cache, checkpoint, resume, on_block,
-                      pruner, device, needs, allocation)
+        with compute.using(compute_dtype):
+            report = _prune(model, calibration, config, calibration_info, pass1_cache, checkpoint, resume, on_block,
+                            pruner, device, needs, allocation)
+        report.compute_dtype = compute.name(compute_dtype)
+        return report
     except BaseException:
         if checkpoint is not None:
             checkpoint.release()  # the checkpoints stay (for --resume); another process may take them

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import compute
 from .models import LinearRef, decoder_blocks, find_linears, inference_mode, layer_types, onload, onload_except
 
 if TYPE_CHECKING:
@@ -215,15 +216,20 @@ class BlockStep:
         input ``x [B, T, I]`` and output ``y [B, T, O]``. When the step owns its inputs, each
         output replaces its input as soon as it is computed, so activations are held once."""
         modules = {ref.name: ref.module for ref in self.linears}
-        handles = [
-            modules[name].register_forward_hook(lambda mod, args, out, fn=fn: fn(args[0], out))
-            for name, fn in (hooks or {}).items()
-        ]
+
+        def exact(fn):  # statistics and summaries in full precision, also inside a lowered forward
+            def hook(module, args, out):
+                with compute.exact(self.device):
+                    fn(args[0], out)
+            return hook
+
+        handles = [modules[name].register_forward_hook(exact(fn)) for name, fn in (hooks or {}).items()]
         in_place = keep_outputs and self.owns_inputs
         outputs: list[torch.Tensor] = self.inputs.hidden if in_place else []
         try:
             for j, call in enumerate(self.inputs.calls[self.layer_type]):
-                out = _first(self.block(self.inputs.hidden[j].to(self.device), *call.args, **call.kwargs))
+                with compute.lowered(self.device):
+                    out = _first(self.block(self.inputs.hidden[j].to(self.device), *call.args, **call.kwargs))
                 if in_place:
                     outputs[j] = out.to(self.inputs.store)
                 elif keep_outputs:

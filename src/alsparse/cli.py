@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     pr.add_argument("--dtype", default="float32", help="weights dtype: float32 | bfloat16 | float16 (default float32)")
     pr.add_argument("--offload", default="device", help="where calibration activations live: device | cpu")
+    _add_compute_args(pr)
     pr.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     pr.add_argument("--overwrite", action="store_true",
                     help="replace an existing --out directory (only once the new one is complete)")
@@ -66,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("model", help="local HF directory, hub id, .gguf file, or 'smollm2-135m'")
     ev.add_argument("--dtype", default="float32", help="weights dtype: float32 | bfloat16 | float16 (default float32)")
     ev.add_argument("--device", default=None)
+    _add_compute_args(ev)
     ev.add_argument("--json", dest="json_out", help="also write the results as JSON to this file")
     ev.add_argument("--stream", action="store_true",
                     help="keep the model on CPU and onload one block at a time to --device (models larger than it)")
@@ -78,6 +80,23 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("ls", help="list registered pruners, allocators, corpora and tasks")
     sweep_cli.add_parsers(sub)
     return p
+
+
+def _add_compute_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compute-dtype", default="auto",
+                   help="dtype the forwards run in, weights kept as --dtype: auto (default: bfloat16 on a CUDA GPU or "
+                        "a CPU with AMX-BF16 / AVX-512-BF16, else the weights' dtype) | float32 | bfloat16 | float16")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process (default: torch's, all cores; torchrun gives each process 1). The "
+                        "same count gives the same masks bit for bit; another count may round sums differently")
+
+
+def _apply_threads(args) -> None:
+    if args.threads is None:
+        return
+    import torch
+
+    torch.set_num_threads(args.threads)
 
 
 def _add_eval_args(p: argparse.ArgumentParser, prefix: str) -> None:
@@ -108,6 +127,7 @@ def _eval_config(args, prefix: str):
         task_limit=get("task_limit"),
         batch_size=get("batch_size"),
         word_ppl=get("word_ppl"),
+        compute_dtype=args.compute_dtype,
     )
 
 
@@ -209,7 +229,9 @@ def _cmd_eval(args) -> int:
     from .models import streamed
     from .sources import load_model
 
+    _check_compute_args(args)
     cfg = _eval_config(args, "")
+    _apply_threads(args)
     device = _resolve_device(args.device)
     stream = args.stream or args.from_disk
     model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu" if stream else device,
@@ -271,6 +293,14 @@ def check_writable(out: Path) -> None:
     os.unlink(probe)
 
 
+def _check_compute_args(args) -> None:
+    from .config import check_compute_dtype
+
+    check_compute_dtype(args.compute_dtype)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+
+
 def _resolve_device(requested: Optional[str]) -> str:
     import torch
 
@@ -289,6 +319,7 @@ def _cmd_prune(args) -> int:
     # the mistakes that need no model are reported before torch and transformers load
     check_sparsity(args.sparsity)
     Pattern.parse(args.pattern)
+    _check_compute_args(args)
     if args.nsamples < 1 or args.seqlen < 2:
         raise UsageError(f"--nsamples must be >= 1 and --seq-len >= 2, got {args.nsamples} and {args.seqlen}")
     out = Path(args.out)
@@ -337,7 +368,9 @@ def _prune_locked(args, out: Path) -> int:
         als=_als_options(args),
         baselines=_baseline_options(args),
         strength_search=args.strength_search,
+        compute_dtype=args.compute_dtype,
     )
+    _apply_threads(args)
     logging.getLogger("alsparse").info("loading %s", args.model)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code,
                                   from_disk=args.from_disk)
@@ -416,10 +449,10 @@ def format_side_by_side(dense: dict, pruned: dict) -> str:
     if dense.get("tasks_mean"):
         lines.append(f"{'zero-shot mean (metric of record)':48s} {dense['tasks_mean']['value']:10.4f} "
                      f"{pruned['tasks_mean']['value']:10.4f}")
-    from .eval.api import headline_note
+    from .eval.api import compute_note, headline_note
 
-    note = headline_note(dense["token_ppl"], flag_prefix="eval-")
-    return "\n".join(lines + ([note] if note else []))
+    notes = [headline_note(dense["token_ppl"], flag_prefix="eval-"), compute_note(dense.get("compute_dtype"))]
+    return "\n".join(lines + [n for n in notes if n])
 
 
 def sample_calibration_from(source: str, tokenizer, nsamples: int, seqlen: int, seed: int):

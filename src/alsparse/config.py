@@ -128,10 +128,16 @@ class PruneConfig:
     # quarter of the calibration windows: oneshot prunes every block from the dense model's inputs,
     # all candidates in one stream (cheap); sequential prunes a model copy per candidate (exact).
     strength_search: str = "oneshot"
+    # the dtype the blocks' forwards run in (alsparse.compute): auto = bf16 where the device has fast
+    # bf16 (CUDA; a CPU with AMX-BF16 / AVX-512-BF16), else the weights' dtype. Statistics, SparseGPT's
+    # updates and the weights themselves stay in their own precision.
+    compute_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         from .allocate import ALLOCATORS  # registry lookups validate names
         from .pruning import PRUNERS
+
+        check_compute_dtype(self.compute_dtype)
 
         PRUNERS.get(self.method)
         ALLOCATORS.get(self.allocation)
@@ -158,6 +164,15 @@ class PruneConfig:
         import json
 
         return json.loads(json.dumps(asdict(self)))
+
+
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_compute_dtype(value: Any) -> None:
+    """One of COMPUTE_DTYPES (alsparse.compute says what each means)."""
+    if value not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype {value!r} is not valid; choose one of: {', '.join(COMPUTE_DTYPES)}")
 
 
 def check_sparsity(value: Any) -> None:

@@ -142,6 +142,16 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def weights_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the decoder blocks' floating-point weights are stored in (the first one found; the
+    model's first floating-point parameter for a model of no known family; float32 without any)."""
+    try:
+        params = decoder_blocks(model).parameters()
+    except UnsupportedModelError:
+        params = model.parameters()
+    return next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+
+
 LAZY_ATTR = "_alsparse_lazy"  # set on decoder blocks whose weights stay on disk (alsparse.lazy)
 
 

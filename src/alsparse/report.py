@@ -43,6 +43,7 @@ class PruneReport:
     stage_peak_rss_gib: dict[str, float] = field(default_factory=dict)  # per stage of timings_s
     versions: dict[str, str] = field(default_factory=dict)
     resumed_from_block: Optional[int] = None  # set when pruning resumed from checkpoints
+    compute_dtype: str = "float32"  # what the forwards ran in (alsparse.compute), resolved from config's
 
     @property
     def prunable(self) -> int:
@@ -69,6 +70,7 @@ class PruneReport:
             "achieved_sparsity": round(self.achieved_sparsity, 6),
             "prunable_weights": self.prunable,
             "num_linears": len(self.linears),
+            "compute_dtype": self.compute_dtype,
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
             "peak_memory": self.peak_memory,
             "stage_peak_rss_gib": self.stage_peak_rss_gib,

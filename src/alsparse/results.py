@@ -326,6 +326,13 @@ def build_report(records: Sequence[dict], sources: Sequence[str] = (), figures: 
     return report
 
 
+def model_key(record: dict) -> str:
+    """What a table is of: the model, and the compute dtype when it is not float32, so that rows
+    computed in different dtypes are never one table (nor one cost comparison)."""
+    compute = record["config"].get("compute_dtype", "float32")
+    return record["config"]["model"] + ("" if compute == "float32" else f" ({compute} compute)")
+
+
 def _groups(records: Sequence[dict], key: Callable[[dict], Any]) -> dict[Any, list[dict]]:
     out: dict[Any, list[dict]] = {}
     for r in records:
@@ -338,14 +345,14 @@ def _ppl_groups(records: Sequence[dict]) -> dict[tuple, list[tuple[dict, float]]
     out: dict[tuple, list] = {}
     for r in records:
         for protocol, value in ppl_values(r):
-            out.setdefault((r["config"]["model"], protocol, calibration_key(r)), []).append((r, value))
+            out.setdefault((model_key(r), protocol, calibration_key(r)), []).append((r, value))
     return out
 
 
 def _dense_ppl(dense: Sequence[dict], model: str, protocol: Protocol) -> float | None:
     for r in dense:
         for p, v in ppl_values(r):
-            if r["config"]["model"] == model and p == protocol:
+            if model_key(r) == model and p == protocol:
                 return v
     return None
 
@@ -472,14 +479,14 @@ def _zero_shot_figure(rows, cols, cells, protocol: tuple, model: str, example: d
 
 def _zero_shot_section(records: Sequence[dict], dense: Sequence[dict], report: Report | None) -> list[str]:
     groups = _groups([r for r in records if task_protocol(r)],
-                     lambda r: (r["config"]["model"], task_protocol(r), calibration_key(r)))
+                     lambda r: (model_key(r), task_protocol(r), calibration_key(r)))
     if not groups:
         return []
     lines = ["## Zero-shot accuracy", ""]
     for index, ((model, protocol, _), recs) in enumerate(groups.items(), start=1):
         tasks = [t for t, _, _ in protocol]
         described = ", ".join(f"{t} ({metric}, n={n})" for t, n, metric in protocol)
-        dense_rec = next((r for r in dense if r["config"]["model"] == model and task_protocol(r) == protocol), None)
+        dense_rec = next((r for r in dense if model_key(r) == model and task_protocol(r) == protocol), None)
         dense_mean = dense_rec["eval"]["tasks_mean"]["value"] if dense_rec else None
         lines += [f"### Zero-shot: {described}", "",
                   (f"Model `{model}`; {calibration_title(recs[0])}; {_seeds_note(recs)}. Accuracy in %, each "
@@ -546,7 +553,7 @@ def _uniform_reference(main: Sequence[dict], recs: Sequence[dict], protocol: Pro
     found = []
     for key in _row_sort({row_key(r) for r in recs if r["config"]["allocation"] != "uniform"}):
         values = [v for r in main if r["config"]["allocation"] == "uniform" and row_key(r) == key
-                  and r["config"]["model"] == recs[0]["config"]["model"] and r["config"].get("seed", 0) in seeds
+                  and model_key(r) == model_key(recs[0]) and r["config"].get("seed", 0) in seeds
                   and calibration_key(r) == calibration_key(recs[0]) for p, v in ppl_values(r) if p == protocol]
         if values:
             found.append(f"{row_label(key)} {_fmt(sum(values) / len(values))}")
@@ -563,7 +570,7 @@ def _ablation_section(records: Sequence[dict], dense: Sequence[dict], main: Sequ
         groups: dict[tuple, list] = {}
         for r in named:
             for protocol, value in ppl_values(r):
-                groups.setdefault((r["config"]["model"], protocol), []).append((r, value))
+                groups.setdefault((model_key(r), protocol), []).append((r, value))
         for (model, protocol), pairs in groups.items():
             recs = [r for r, _ in pairs]
             values = {id(r): v for r, v in pairs}
@@ -605,7 +612,7 @@ def _not_starved(records: list[dict]) -> list[dict]:
     """Drop cells that got markedly less CPU than the sweep's other cells of the same model: other
     work ran during the cell though the load average was low at its start and end."""
     kept = []
-    for recs in _groups(records, lambda r: r["config"]["model"]).values():
+    for recs in _groups(records, lambda r: model_key(r)).values():
         shares = sorted(r["machine"]["cpu_per_wall"] for r in recs if r["machine"].get("cpu_per_wall"))
         if not shares:
             kept += recs
@@ -647,7 +654,7 @@ def _cost_section(pruned: Sequence[dict], dense: Sequence[dict]) -> list[str]:
                   f"end, or CPU seconds per wall second under {STARVED:g} x the median of the model's cells), "
                   "before load was recorded, or reused another cell's result; their results stand, their timings "
                   "are left out.", ""]
-    for model, recs in _groups(records, lambda r: r["config"]["model"]).items():
+    for model, recs in _groups(records, lambda r: model_key(r)).items():
         lines += [f"### `{model}`", ""]
         groups = _groups(recs, lambda r: ("dense", "-", _eval_setup(r)) if r["kind"] == "dense"
                          else (r["config"]["method"], r["label"], _eval_setup(r)))

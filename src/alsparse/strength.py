@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import distributed
+from . import compute, distributed
 from .config import PruneConfig
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,8 @@ def heldout_loss(model, ids: torch.Tensor, batch_size: int = 4) -> float:
     with torch.no_grad():
         for start in range(0, ids.shape[0], batch_size):
             batch = ids[start : start + batch_size].to(next(model.parameters()).device)
-            logits = model(input_ids=batch, use_cache=False).logits.float()
+            with compute.lowered(batch.device):
+                logits = model(input_ids=batch, use_cache=False).logits.float()
             total += float(_nll_sum(logits, batch))
             count += batch[:, 1:].numel()
     return total / count
@@ -245,7 +246,9 @@ def _heldout_sums(model, heldout, held_acts, hidden, device, reduce: bool) -> li
                 start = held_acts.starts[j]
                 for row in range(h.shape[0]):  # one window's logits at a time: [1, T, V]
                     ids = heldout[start + row : start + row + 1]
-                    sums[k, 0] += float(_nll_sum(head_logits(model, h[row : row + 1].to(device)), ids))
+                    with compute.lowered(device):
+                        logits = head_logits(model, h[row : row + 1].to(device))
+                    sums[k, 0] += float(_nll_sum(logits, ids))
                     sums[k, 1] += ids.shape[1] - 1
     if reduce:
         sums = sums.to(device)

@@ -36,7 +36,7 @@ from .results import read_records
 
 log = logging.getLogger(__name__)
 
-TOP_KEYS = ("model", "dtype", "device", "batch_size", "offload", "trust_remote_code", "calibration", "eval", "grid",
+TOP_KEYS = ("model", "dtype", "compute_dtype", "device", "batch_size", "offload", "trust_remote_code", "calibration", "eval", "grid",
             "dense", "plots_dir", "results", "pass1_cache_entries")
 ENTRY_KEYS = ("name", "methods", "allocations", "sparsities", "patterns", "als", "baselines", "calibration", "eval",
               "allocation_file")
@@ -76,10 +76,15 @@ class Cell:
     als: Mapping[str, Any] = field(default_factory=dict)  # overrides that matter to this cell
     baselines: Mapping[str, Any] = field(default_factory=dict)
     varied: Mapping[str, Any] = field(default_factory=dict)  # "als.delta": 0.1, "calibration.nsamples": 8
+    compute: str = "float32"  # the compute dtype, resolved when the sweep is planned (never "auto")
 
     def config(self) -> dict[str, Any]:
-        """The cell's configuration as recorded (and hashed): no device, no batch sizes."""
+        """The cell's configuration as recorded (and hashed): no device, no batch sizes. The compute
+        dtype is named when it is not float32 (what every cell computed in before it was an option,
+        so those ids stay)."""
         out: dict[str, Any] = {"model": self.model, "dtype": self.dtype}
+        if self.compute != "float32":
+            out["compute_dtype"] = self.compute
         if self.kind == "pruned":
             p = self.prune
             out.update(method=p.method, allocation=p.allocation, sparsity=round(float(p.sparsity), 10),
@@ -125,6 +130,7 @@ class SweepSpec:
     model: str
     cells: tuple[Cell, ...]
     dtype: str = "float32"
+    compute_dtype: str = "float32"  # resolved
     device: str | None = None
     batch_size: int = 4
     offload: str = "device"
@@ -182,6 +188,7 @@ def parse_spec(raw: Any) -> SweepSpec:
     device = raw.get("device")
     if device in ("auto", ""):
         device = None
+    compute_dtype = _compute_dtype(raw.get("compute_dtype", "auto"), device, DTYPES[dtype])
     cache_entries = _positive_int(raw.get("pass1_cache_entries", 3), "pass1_cache_entries")
     calibration = _calibration_section(raw.get("calibration") or {}, "calibration", CALIBRATION_DEFAULTS)
     eval_base = _eval_section(raw.get("eval") or {}, "eval", {})
@@ -191,21 +198,36 @@ def parse_spec(raw: Any) -> SweepSpec:
     cells: list[Cell] = []
     for i, entry in enumerate(grid):
         cells.extend(_expand_entry(entry, f"grid[{i}]", model, dtype, batch_size, offload, calibration, eval_base))
+    cells = [dataclasses.replace(c, compute=compute_dtype, prune=dataclasses.replace(c.prune, compute_dtype=compute_dtype))
+             for c in cells]
     if not isinstance(raw.get("dense", True), bool):
         raise SweepConfigError(f"dense must be true or false, got {raw['dense']!r}")
     unique: dict[str, Cell] = {}
     for cell in cells:
         if raw.get("dense", True):  # each evaluation set-up's dense cell runs just before its first pruned cell
-            dense = Cell("dense", model, dtype, cell.eval)
+            dense = Cell("dense", model, dtype, cell.eval, compute=compute_dtype)
             unique.setdefault(dense.id, dense)
         unique.setdefault(cell.id, cell)
     return SweepSpec(
-        model=model, cells=tuple(unique.values()), dtype=dtype, device=device, batch_size=batch_size, offload=offload,
+        model=model, cells=tuple(unique.values()), dtype=dtype, compute_dtype=compute_dtype, device=device, batch_size=batch_size, offload=offload,
         trust_remote_code=bool(raw.get("trust_remote_code", False)),
         plots_dir=Path(raw["plots_dir"]) if raw.get("plots_dir") else None,
         results=Path(raw["results"]) if raw.get("results") else None,
         pass1_cache_entries=cache_entries,
     )
+
+
+def _compute_dtype(requested: Any, device: str | None, weights) -> str:
+    """The compute dtype every cell runs in, resolved on this machine now: a sweep's tables hold one
+    compute dtype, and a sweep continued where ``auto`` resolves otherwise plans other cells."""
+    from . import compute
+    from .config import check_compute_dtype
+
+    try:
+        check_compute_dtype(requested)
+        return compute.name(compute.resolve(requested, _torch_device(_resolve_device(device)), weights))
+    except ValueError as exc:
+        raise SweepConfigError(f"compute_dtype: {exc}") from None
 
 
 def _check_keys(section: Mapping, allowed: tuple[str, ...], where: str) -> None:
@@ -273,6 +295,7 @@ def _eval_section(section: Any, where: str, base: Mapping[str, Any]) -> dict[str
     if not cfg.ppl and not cfg.tasks and not cfg.word_ppl:
         raise SweepConfigError(f"{where}: nothing to evaluate (ppl, tasks and word_ppl are all empty)")
     out = dataclasses.asdict(cfg)
+    out.pop("compute_dtype")  # the sweep's own (top-level, resolved), part of the cell's config instead
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
@@ -642,7 +665,7 @@ class _Runner:
     def _base_record(self, cell: Cell) -> dict[str, Any]:
         return {"id": cell.id, "kind": cell.kind, "name": cell.name, "label": cell.allocator_label,
                 "varied": dict(cell.varied), "config": cell.config(), "eval_config": dict(cell.eval),
-                "device": self.device}
+                "device": self.device, "compute_dtype": cell.compute}
 
     def _dense(self, cell: Cell) -> dict[str, Any]:
         from .report import StageTimer, peak_memory, versions
@@ -712,7 +735,7 @@ class _Runner:
         from .eval import EvalConfig, evaluate
 
         model.to(self.device)
-        return evaluate(model, tokenizer, EvalConfig(**cell.eval))
+        return evaluate(model, tokenizer, EvalConfig(**cell.eval, compute_dtype=cell.compute))
 
     def _plots(self, cell: Cell, report) -> list[str]:
         """The report's figures under plots_dir/<cell id>/ (written to a temporary folder, then renamed)."""

@@ -27,8 +27,10 @@ _MEASURED = textwrap.dedent("""
 
 
 def _args(model_dir, out, *extra):
+    # float32 compute: these tests compare two paths bit for bit (bf16 rounding would widen the gap)
     return ["prune", str(model_dir), "--calib", "wikitext2", "--nsamples", "8", "--seqlen", "256",
-            "--batch-size", "2", "--method", "wanda", "--sparsity", "0.5", "--out", str(out), *extra]
+            "--batch-size", "2", "--method", "wanda", "--sparsity", "0.5", "--compute-dtype", "float32",
+            "--out", str(out), *extra]
 
 
 CAP_GIB = 1.0  # RLIMIT_DATA: the process's private writable memory (heap and anonymous maps)
@@ -89,7 +91,7 @@ def test_smollm2_two_processes_equal_one(real_model_dir, tmp_path, extra):
     # one thread per process in both runs, so every micro-batch is computed by the same kernels
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["prune", str(real_model_dir), "--calib", "wikitext2", "--nsamples", "4", "--seqlen", "128",
-              "--batch-size", "1", "--sparsity", "0.5", *extra]
+              "--batch-size", "1", "--sparsity", "0.5", "--compute-dtype", "float32", *extra]
     one = subprocess.run([sys.executable, "-m", "alsparse", *common, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, timeout=900, env=env)
     assert one.returncode == 0, one.stderr[-3000:]

@@ -61,6 +61,9 @@ BAD = [
     (["--allocation", "als", "--als-strength-grid", "0,x"], "--als-strength-grid must be comma-separated numbers"),
     (["--allocation", "als", "--als-strength", "-0.1"], "als strength must be in [0, 1)"),
     (["--strength-search", "bogus"], "strength_search 'bogus' is not valid; choose one of: oneshot, sequential"),
+    (["--compute-dtype", "bf16"], "compute dtype 'bf16' is not valid; choose one of: auto, float32, bfloat16, float16"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--dtype", "bfloat16", "--compute-dtype", "float32"], "compute dtype float32 needs float32 weights"),
 ]
 
 
@@ -155,7 +158,8 @@ def test_usage_mistakes_are_reported_before_torch_loads(tmp_path):
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["2", "False", "False"], done.stderr
     assert "did you mean 0.5?" in done.stderr
-    for bad, message in ((["--pattern", "2-4"], "malformed"), (["--nsamples", "0"], "--nsamples must be >= 1")):
+    for bad, message in ((["--pattern", "2-4"], "malformed"), (["--nsamples", "0"], "--nsamples must be >= 1"),
+                         (["--compute-dtype", "fp8"], "compute dtype 'fp8' is not valid")):
         probe2 = probe.replace("'--sparsity', '50'", ", ".join(repr(b) for b in bad))
         done = subprocess.run([sys.executable, "-c", probe2], capture_output=True, text=True, timeout=120)
         assert done.stdout.split() == ["2", "False", "False"] and message in done.stderr, done.stderr

@@ -1,9 +1,11 @@
 """Data-parallel pruning under torchrun (gloo, CPU): two processes give the masks and weights of
 one, for Wanda, SparseGPT and ALS/OWL allocation; only rank 0 writes.
 
-torchrun runs each process single-threaded, so per-micro-batch float32 products may round
-differently from the 2-thread single process: SparseGPT's updated weights then agree to float
-rounding, while masks, allocations and Wanda/magnitude weights are bit-identical."""
+The condition the README states: the same threads per process. torchrun runs each process with one
+thread (OMP_NUM_THREADS=1), so the single process runs with --threads 1: with another thread count
+float32 kernels may sum in another order (on some CPUs), and a SparseGPT mask at its threshold can
+flip. SparseGPT's updated weights agree to float rounding (its sums are grouped by process);
+masks, allocations and Wanda/magnitude weights are bit-identical."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ CASES = [
 
 def _prune(root, out, *extra, nproc=1):
     args = ["prune", str(root / "model"), "--calib", str(root / "corpus.txt"), "--nsamples", "8", "--seqlen", "16",
-            "--batch-size", "2", "--sparsity", "0.6", "--out", str(out), *extra]
+            "--batch-size", "2", "--sparsity", "0.6", "--threads", "1", "--out", str(out), *extra]
     launcher = [sys.executable, "-m", "alsparse"]
     if nproc > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

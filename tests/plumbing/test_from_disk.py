@@ -142,7 +142,7 @@ def test_from_disk_strength_search_equals_in_memory(tmp_path, allocation):
     """The oneshot search streams blocks like everything else: from disk it chooses and prunes
     exactly as in memory."""
     source = _source(tmp_path, "llama")
-    config = PruneConfig(method="wanda", sparsity=0.6, allocation=allocation,
+    config = PruneConfig(method="wanda", sparsity=0.6, allocation=allocation, compute_dtype="float32",
                          als=ALSOptions(tokens=48), baselines=BaselineOptions(atp_grid=3))
     lazy = load_lazy(source, torch.float32)
     from_disk = prune_(lazy, IDS, config, checkpoint=BlockCheckpoints(tmp_path / "ck"))

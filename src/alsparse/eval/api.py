@@ -10,7 +10,10 @@ from pathlib import Path
 from ..data.calibration import encode_text, needs_bos
 from ..data.tasks import TASKS, load_task
 from ..data.text import CORPORA, documents, load_corpus, wikitext_detokenize
-from .forward import model_max_length
+from .. import compute
+from ..config import check_compute_dtype
+from ..models import weights_dtype
+from .forward import model_device, model_max_length
 from .perplexity import token_perplexity, word_perplexity
 from .zeroshot import score_task
 
@@ -41,6 +44,8 @@ class EvalConfig:
     task_limit: first `task_limit` items of each task.
     batch_size: zero-shot batch size (perplexity runs one window at a time).
     word_ppl: also run lm-eval's `wikitext` word-ppl on the WikiText-2 test documents.
+    compute_dtype: the dtype the forwards run in (see `alsparse.compute`; auto = bf16 where the device
+        has fast bf16, else the weights' dtype); log-probs are always taken in fp32.
     """
 
     ppl: tuple[str, ...] = ("wikitext2",)
@@ -50,8 +55,10 @@ class EvalConfig:
     task_limit: int | None = None
     batch_size: int = 8
     word_ppl: bool = False
+    compute_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        check_compute_dtype(self.compute_dtype)
         for field in ("ppl", "tasks"):
             value = getattr(self, field)
             object.__setattr__(self, field, (value,) if isinstance(value, str) else tuple(value))
@@ -93,8 +100,15 @@ def evaluate(model, tokenizer, cfg: EvalConfig | None = None) -> dict:
     "tasks_mean": {...} or None}; every result carries its "protocol" or "metric_of_record"."""
     cfg = cfg or EvalConfig()
     seq_len = resolve_seq_len(model, cfg)
-    results: dict = {"config": asdict(cfg), "seq_len": seq_len, "token_ppl": {}, "word_ppl": {}, "tasks": {},
-                     "tasks_mean": None}
+    dtype = compute.resolve(cfg.compute_dtype, model_device(model), weights_dtype(model))
+    results: dict = {"config": asdict(cfg), "seq_len": seq_len, "compute_dtype": compute.name(dtype),
+                     "token_ppl": {}, "word_ppl": {}, "tasks": {}, "tasks_mean": None}
+    with compute.using(dtype):
+        _measure(model, tokenizer, cfg, seq_len, results)
+    return results
+
+
+def _measure(model, tokenizer, cfg: EvalConfig, seq_len: int, results: dict) -> None:
     for name in cfg.ppl:
         results["token_ppl"][name] = _token_ppl(model, tokenizer, name, seq_len, cfg)
     if cfg.word_ppl:
@@ -111,7 +125,6 @@ def evaluate(model, tokenizer, cfg: EvalConfig | None = None) -> dict:
             "value": sum(values.values()) / len(values),
             "metrics": {task: r["metric_of_record"] for task, r in results["tasks"].items()},
         }
-    return results
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -144,8 +157,15 @@ def format_results(results: dict) -> str:
             rows.append(["mean", "", "of record", f"{mean['value']:.4f}", "", ""])
         blocks.append(["zero-shot (lm-eval multiple-choice log-likelihood; value = the task's metric of record)"]
                       + _table(["task", "n", "metric", "value", "acc", "acc_norm"], rows))
-    note = headline_note(results.get("token_ppl") or {})
-    return "\n\n".join("\n".join(block) for block in blocks) + (f"\n{note}" if note else "")
+    notes = [headline_note(results.get("token_ppl") or {}), compute_note(results.get("compute_dtype"))]
+    return "\n\n".join("\n".join(block) for block in blocks) + "".join(f"\n{n}" for n in notes if n)
+
+
+def compute_note(dtype: str | None) -> str:
+    """One line when the forwards ran in another dtype than float32 (the docs' figures)."""
+    if dtype in (None, "float32"):
+        return ""
+    return f"note: the forwards ran in {dtype} (--compute-dtype); log-probs in float32"
 
 
 def headline_note(token_ppl: dict, flag_prefix: str = "") -> str:

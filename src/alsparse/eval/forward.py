@@ -8,6 +8,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from .. import compute
+
 CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
 LOGPROB_CHUNK = 1024  # positions per fp32 log-softmax: bounds the temporary to [1024, V] floats
 
@@ -46,7 +48,8 @@ def forward_logits(
     kwargs = {"input_ids": input_ids.to(device), "use_cache": False}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask.to(device)
-    return model(**kwargs).logits
+    with compute.lowered(device):  # the active compute dtype (evaluate sets it); log-probs stay fp32
+        return model(**kwargs).logits
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

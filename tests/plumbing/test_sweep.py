@@ -545,3 +545,39 @@ def test_a_results_file_replaced_mid_run_loses_no_record(tiny_model_dir, tmp_pat
     assert len(outcome.computed) == 4 and "re-appended the 1 record(s)" in caplog.text
     ids = [r["id"] for r in _lines(results)]
     assert sorted(ids) == sorted(ran) and len(set(ids)) == 4
+
+
+def test_compute_dtype_is_resolved_once_and_never_shares_a_table(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """auto resolves when the sweep is planned; fp32 cells keep the ids they had before compute dtype
+    was an option, bf16 cells are other cells, prune and evaluate in bf16, and the report gives them
+    their own table."""
+    import alsparse.compute
+
+    monkeypatch.setattr(alsparse.compute, "cpu_flags", lambda *a: set())  # a CPU without fast bf16
+    grid = [{"methods": "wanda", "allocations": "uniform", "sparsities": 0.5}]
+    legacy = sweep.parse_spec(_config(tiny_model_dir, grid=grid))
+    auto = sweep.parse_spec(_config(tiny_model_dir, grid=grid, compute_dtype="auto"))
+    bf16 = sweep.parse_spec(_config(tiny_model_dir, grid=grid, compute_dtype="bfloat16"))
+    assert [c.id for c in auto.cells] == [c.id for c in legacy.cells] and auto.compute_dtype == "float32"
+    assert "compute_dtype" not in legacy.cells[1].config()
+    assert not {c.id for c in bf16.cells} & {c.id for c in legacy.cells}
+    assert bf16.cells[1].config()["compute_dtype"] == "bfloat16" and bf16.cells[1].prune.compute_dtype == "bfloat16"
+    monkeypatch.setattr(alsparse.compute, "cpu_flags", lambda *a: {"amx_bf16"})
+    assert sweep.parse_spec(_config(tiny_model_dir, grid=grid)).compute_dtype == "bfloat16"
+    with pytest.raises(sweep.SweepConfigError, match="compute_dtype: compute dtype 'bf16' is not valid"):
+        sweep.parse_spec(_config(tiny_model_dir, grid=grid, compute_dtype="bf16"))
+
+    results = tmp_path / "results.jsonl"
+    for dtype in ("float32", "bfloat16"):
+        config = _write(tmp_path, _config(tiny_model_dir, grid=grid, compute_dtype=dtype), f"{dtype}.yaml")
+        assert main(["sweep", str(config), "--results", str(results)]) == 0
+    records = _lines(results)
+    assert len(records) == 4
+    assert [r["compute_dtype"] for r in records] == ["float32"] * 2 + ["bfloat16"] * 2
+    assert [r["eval"]["compute_dtype"] for r in records] == ["float32"] * 2 + ["bfloat16"] * 2
+    assert [r["prune_config"]["compute_dtype"] for r in records if r["kind"] == "pruned"] == ["float32", "bfloat16"]
+    capsys.readouterr()
+    assert main(["report", str(results), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "RESULTS.md").read_text()
+    model = str(tiny_model_dir / "model")
+    assert f"{model} (bfloat16 compute)" in text and text.count("| wanda 50% |") >= 2

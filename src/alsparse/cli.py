@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None)
     _add_compute_args(ev)
     ev.add_argument("--json", dest="json_out", help="also write the results as JSON to this file")
+    ev.add_argument("--harness", default="alsparse", choices=("alsparse", "lm-eval"),
+                    help="lm-eval: also run the --tasks (and --word-ppl) through lm-evaluation-harness, offline, with "
+                         "its official task definitions over the local data, and print its table beside ours "
+                         "(needs pip install 'alsparse[eval]')")
     ev.add_argument("--stream", action="store_true",
                     help="keep the model on CPU and onload one block at a time to --device (models larger than it)")
     ev.add_argument("--from-disk", action="store_true",
@@ -231,6 +235,7 @@ def _cmd_eval(args) -> int:
 
     _check_compute_args(args)
     cfg = _eval_config(args, "")
+    _check_harness(args, cfg)
     _apply_threads(args)
     device = _resolve_device(args.device)
     stream = args.stream or args.from_disk
@@ -243,9 +248,55 @@ def _cmd_eval(args) -> int:
         results = evaluate(model, tokenizer, cfg)
     results["model"] = args.model
     print(format_results(results))
+    if args.harness == "lm-eval":
+        results["lm_eval"] = _lm_eval_beside(model, tokenizer, cfg, device, stream)
     if args.json_out:
         write_json_atomic(Path(args.json_out), results)
     return 0
+
+
+def _check_harness(args, cfg) -> None:
+    if args.harness != "lm-eval":
+        return
+    from .eval.lm_eval_adapter import lm_eval_available
+    from .eval.lm_eval_tasks import LOCAL_TASKS
+
+    missing = [t for t in cfg.tasks if t not in LOCAL_TASKS]
+    if missing:
+        raise UsageError(f"--harness lm-eval: no lm-eval definition here for {', '.join(missing)} (lm-eval's copa is "
+                         f"SuperGLUE's, another prompt); tasks it runs: {', '.join(t for t in LOCAL_TASKS if t != 'wikitext')}")
+    if not cfg.tasks and not cfg.word_ppl:
+        raise UsageError("--harness lm-eval runs --tasks and --word-ppl; name at least one")
+    if not lm_eval_available():
+        raise UsageError("--harness lm-eval needs the lm-eval package: pip install 'alsparse[eval]'")
+
+
+def _lm_eval_beside(model, tokenizer, cfg, device, stream) -> dict:
+    """lm-eval's numbers for the same model, tasks and limits; its own table printed after ours."""
+    import contextlib
+
+    import torch
+
+    from .eval.forward import model_max_length
+    from .eval.lm_eval_adapter import evaluate_with_lm_eval
+    from .models import streamed
+
+    max_length = cfg.seq_len or model_max_length(model)
+    runs = []
+    if cfg.tasks:
+        runs.append((list(cfg.tasks), cfg.task_limit))
+    if cfg.word_ppl:
+        runs.append((["wikitext"], cfg.limit))
+    out: dict = {}
+    for tasks, limit in runs:
+        with streamed(model, torch.device(device)) if stream else contextlib.nullcontext():
+            result = evaluate_with_lm_eval(model, tokenizer, tasks, limit, cfg.batch_size, max_length,
+                                           compute_dtype=cfg.compute_dtype)
+        print(f"\nlm-eval {result['version']} (official task definitions, local data; task names prefixed "
+              f"alsparse_):\n{result['table']}")
+        out.update(result["results"])
+        out["version"] = result["version"]
+    return out
 
 
 def _join_process_group(device: str, args) -> tuple[str, bool]:

@@ -358,3 +358,20 @@ def test_failed_save_leaves_the_previous_output_intact(tiny_model_dir, tmp_path,
     assert _snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == \
         ["out", "out.alsparse-ckpt"], "no temporary left; the checkpoints stay so the run can be resumed once space is freed"
+
+
+def test_eval_with_the_lm_eval_harness_prints_both_tables(tiny_model_dir, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    model = str(tiny_model_dir / "model")
+    assert main(["eval", model, "--tasks", "copa", "--harness", "lm-eval", "--ppl", ""]) == 2
+    assert "--harness lm-eval: no lm-eval definition here for copa" in capsys.readouterr().err
+    assert main(["eval", model, "--harness", "lm-eval", "--ppl", ""]) == 2
+    assert "name at least one" in capsys.readouterr().err
+    out = tmp_path / "eval.json"
+    assert main(["eval", model, "--tasks", "rte", "--task-limit", "3", "--ppl", "", "--harness", "lm-eval",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.index("zero-shot") < printed.index("lm-eval 0.4.13") < printed.index("alsparse_rte")
+    results = json.loads(out.read_text())
+    ours, theirs = results["tasks"]["rte"]["acc"], results["lm_eval"]["rte"]["acc,none"]
+    assert results["tasks"]["rte"]["n"] == 3 and ours == pytest.approx(theirs)

@@ -115,3 +115,31 @@ def test_lm_eval_adapter_without_the_package_is_a_clear_error(monkeypatch):
     assert not lm_eval_adapter.lm_eval_available()
     with pytest.raises(ImportError, match=r"pip install 'alsparse\[eval\]'"):
         lm_eval_adapter.evaluate_with_lm_eval(object(), object(), ["piqa"])
+
+
+def test_winogrande_conversion_gives_lm_evals_functions_the_contexts_back():
+    """Options that share their first letters (Sam / Sarah) still rebuild both contexts exactly."""
+    from alsparse.eval.lm_eval_tasks import _winogrande
+
+    row = {"context_options": ["Sam helped Sarah because Sam", "Sam helped Sarah because Sarah"],
+           "continuation": " was kind. ", "gold": 1}
+    doc = _winogrande(row)
+    blank = doc["sentence"].index("_")
+    assert [doc["sentence"][:blank] + doc[o] for o in ("option1", "option2")] == row["context_options"]
+    assert doc["sentence"][blank + 1:].strip() == "was kind." and doc["answer"] == "2"
+
+
+def test_local_lm_eval_tasks_include_the_official_yaml(tmp_path):
+    pytest.importorskip("lm_eval")
+    import json
+
+    from alsparse.eval.lm_eval_tasks import lm_eval_tasks_dir, write_tasks
+
+    assert write_tasks(tmp_path, ["rte"]) == {"rte": "alsparse_rte"}
+    config = json.loads((tmp_path / "rte.yaml").read_text())
+    assert config["include"] == str(lm_eval_tasks_dir() / "glue" / "rte" / "default.yaml")
+    assert config["dataset_kwargs"]["data_files"]["validation"] == str(tmp_path / "rte.jsonl")
+    first = json.loads((tmp_path / "rte.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"sentence1", "sentence2", "label", "idx"} and isinstance(first["label"], int)
+    with pytest.raises(ValueError, match="no local lm-eval definition for copa; available: piqa"):
+        write_tasks(tmp_path, ["copa"])

@@ -6,7 +6,8 @@ in each compute dtype (tokens/s and ppl). Each prune and each evaluation is its 
 
     .venv/bin/python benchmarks/bench_compute_dtype.py --json benchmarks/results/compute_dtype.json
 
-Records the CPU, its bf16 flags, what --compute-dtype auto resolves to, and the load average before
+Also the matmul work each prune does (prune_flops) over its time, against this machine's peak for
+one block-sized matmul in that dtype (matmul_peak). Records the CPU, its bf16 flags, what --compute-dtype auto resolves to, and the load average before
 and after: start it on an idle machine. Not a test: nothing here asserts.
 """
 
@@ -65,6 +66,35 @@ def evaluate(model: str, dtype: str, args) -> dict:
             "process_wall_s": round(wall, 1), "process_cpu_s": round(cpu, 1)}
 
 
+def matmul_peak(dtype: torch.dtype, repeats: int = 5) -> float:
+    """GFLOPS of a [4096 x 576] @ [576 x 1536] product (SmolLM2's up_proj on 4 windows) in ``dtype``,
+    through F.linear as the blocks call it; the best of ``repeats``."""
+    x, w = torch.randn(4096, 576).to(dtype), torch.randn(1536, 576).to(dtype)
+    torch.nn.functional.linear(x, w)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 4096 * 576 * 1536 / best / 1e9
+
+
+def prune_flops(method: str, args) -> float:
+    """The matmul work of a prune of SmolLM2-135M (30 blocks, hidden 576, MLP 1536, 9 heads of 64,
+    3 KV heads): two block forwards per calibration token (statistics, then the pruned block's
+    outputs for the next block), each 2 x 3.54 M weights + attention 2 x 2 x 576 x seq_len; SparseGPT
+    adds its Hessians (2 x (3 x 576^2 + 1536^2) per token per block) and the OBS updates."""
+    tokens, seq = args.nsamples * args.seq_len, args.seq_len
+    linear = 2 * (576 * 576 * 2 + 576 * 192 * 2 + 576 * 1536 * 3)
+    attention = 2 * 2 * 576 * seq
+    flops = 30 * tokens * 2 * (linear + attention)
+    if method == "sparsegpt":
+        flops += 30 * tokens * 2 * (3 * 576**2 + 1536**2)
+        shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+        flops += 30 * sum(2 * o * i * i for o, i in shapes)
+    return float(flops)
+
+
 def agreement(a: Path, b: Path) -> dict:
     """Share of prunable weights whose kept/pruned state is the same in both saved models, and
     whether every saved tensor kept its dtype."""
@@ -96,6 +126,7 @@ def main() -> None:
                "bf16_flags": sorted(compute.cpu_flags()), "auto_resolves_to": compute.name(
                    compute.resolve("auto", torch.device("cpu"), torch.float32)),
                "loadavg_start": os.getloadavg()}
+    machine["matmul_peak_gflops"] = {d: round(matmul_peak(getattr(torch, d)), 1) for d in dtypes}
     print(json.dumps(machine), file=sys.stderr, flush=True)
     out: dict = {"machine": machine, "settings": vars(args), "prunes": [], "dense_eval": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,6 +137,9 @@ def main() -> None:
             for dtype in dtypes:
                 saved = Path(tmp) / f"{method}-{allocation}-{dtype}"
                 row = prune(method, allocation, dtype, saved, args)
+                row["matmul_gflops_reached"] = round(prune_flops(method, args) / row["pruning_s"] / 1e9, 1)
+                row["fraction_of_matmul_peak"] = round(row["matmul_gflops_reached"]
+                                                       / machine["matmul_peak_gflops"][dtype], 3)
                 row["ppl_fp32_eval"] = evaluate(str(saved), "float32", args)["ppl"]
                 if rows:
                     row.update(agreement(Path(tmp) / f"{method}-{allocation}-{dtypes[0]}", saved))

@@ -54,8 +54,9 @@ def _loss(model, device) -> float:
     ("llama", "wanda", "uniform", "2:4", 0.995),
 ])
 def test_cuda_prunes_like_cpu(family, method, allocation, pattern, agreement):
+    # float32 compute on both devices (auto would pick bf16 on the GPU): this compares devices
     config = PruneConfig(method=method, sparsity=0.6, allocation=allocation, pattern=pattern,
-                         als=ALSOptions(tokens=64))
+                         als=ALSOptions(tokens=64), compute_dtype="float32")
     on_cpu, on_gpu = make_tiny(family), make_tiny(family).to("cuda")
     want = prune_(on_cpu, IDS, config)
     got = prune_(on_gpu, IDS, config)
@@ -76,11 +77,14 @@ def test_cuda_prunes_like_cpu(family, method, allocation, pattern, agreement):
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_bfloat16_on_cuda_prunes_to_the_allocation(method):
-    config = PruneConfig(method=method, sparsity=0.6, allocation="als", als=ALSOptions(tokens=64))
+    config = PruneConfig(method=method, sparsity=0.6, allocation="als", als=ALSOptions(tokens=64),
+                         compute_dtype="auto")  # bf16 weights: compute in bf16; the fp32 reference below too
+    reference_config = PruneConfig(method=method, sparsity=0.6, allocation="als", als=ALSOptions(tokens=64),
+                                   compute_dtype="float32")
     model = make_tiny("llama").to("cuda", torch.bfloat16)
     report = prune_(model, IDS, config)
     reference = make_tiny("llama").to("cuda")
-    expected = prune_(reference, IDS, config)
+    expected = prune_(reference, IDS, reference_config)
 
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     for record in report.linears:
@@ -94,10 +98,24 @@ def test_bfloat16_on_cuda_prunes_to_the_allocation(method):
     assert same / total > 0.9, f"bf16 and fp32 masks agree on only {same / total:.2%}"
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_auto_compute_on_cuda_is_bf16_with_fp32_master_weights(method):
+    model = make_tiny("llama").to("cuda")
+    report = prune_(model, IDS, PruneConfig(method=method, sparsity=0.6, compute_dtype="auto"))
+    reference = make_tiny("llama").to("cuda")
+    prune_(reference, IDS, PruneConfig(method=method, sparsity=0.6, compute_dtype="float32"))
+    assert report.compute_dtype == ("bfloat16" if torch.cuda.is_bf16_supported() else "float32")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    masks, masks_fp32 = _masks(model), _masks(reference)
+    same = sum(int((masks[k] == masks_fp32[k]).sum()) for k in masks_fp32)
+    assert same / sum(m.numel() for m in masks_fp32.values()) >= 0.98
+
+
 def test_from_disk_onto_cuda_equals_in_memory_cuda(tmp_path):
     source = tmp_path / "src"
     make_tiny("llama").save_pretrained(source, max_shard_size="40KB")
-    config = PruneConfig(method="sparsegpt", sparsity=0.6, allocation="als", device="cuda", als=ALSOptions(tokens=64))
+    config = PruneConfig(method="sparsegpt", sparsity=0.6, allocation="als", device="cuda", als=ALSOptions(tokens=64),
+                         compute_dtype="float32")  # two paths compared bit for bit
     in_memory = AutoModelForCausalLM.from_pretrained(source).to("cuda")
     want = prune_(in_memory, IDS, config)
     lazy = load_lazy(source, torch.float32)

@@ -48,7 +48,11 @@ def test_wikitext_corpus_joins_hf_rows_with_blank_lines_and_detokenises(data_roo
     assert "Alpha is a 3-part test, it says.\n" in load_corpus("wikitext2")  # default split: test
 
 
-def test_ptb_is_validation_only_and_not_detokenised(data_root):
+def test_ptb_is_validation_only_and_not_detokenised(data_root, monkeypatch):
+    import alsparse.data.text as text
+
+    # without `datasets` (lm-eval in the test extra brings it; with it, an online user gets the hub's split)
+    monkeypatch.setattr(text, "_datasets_available", lambda: False)
     assert load_corpus("ptb") == "first sentence here\n\nsecond one N"
     with pytest.raises(ValueError, match="not available locally.*validation"):
         load_corpus("ptb", "test")

@@ -83,29 +83,25 @@ def resolve(requested: str, device: torch.device, weights_dtype: torch.dtype) ->
     device = torch.device(device)
     if requested == "auto":
         if weights_dtype != torch.float32:
-            chosen, why = weights_dtype, f"the weights are {_name(weights_dtype)}"
+            chosen, why = weights_dtype, f"the weights are {name(weights_dtype)}"
         else:
             fast, why = fast_bf16(device)
             chosen = torch.bfloat16 if fast else torch.float32
-        log.info("compute dtype: %s (auto: %s)", _name(chosen), why)
+        log.info("compute dtype: %s (auto: %s)", name(chosen), why)
         return chosen
     chosen = _DTYPES[requested]
     if weights_dtype != torch.float32 and chosen != weights_dtype:
         raise ValueError(
             f"compute dtype {requested} needs float32 weights or {requested} weights, but the model is "
-            f"{_name(weights_dtype)}; load it with --dtype float32 (fp32 master weights) or use compute dtype "
-            f"{_name(weights_dtype)} / auto"
+            f"{name(weights_dtype)}; load it with --dtype float32 (fp32 master weights) or use compute dtype "
+            f"{name(weights_dtype)} / auto"
         )
     return chosen
 
 
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def name(dtype: Optional[torch.dtype]) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"`` (None: float32, what runs without a context)."""
-    return _name(dtype or torch.float32)
+    return str(dtype or torch.float32).replace("torch.", "")
 
 
 @contextlib.contextmanager
@@ -116,10 +112,6 @@ def using(dtype: Optional[torch.dtype]) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
-
-
-def active() -> Optional[torch.dtype]:
-    return _ACTIVE.get()
 
 
 def _lowering(device: torch.device) -> Optional[torch.dtype]:

@@ -612,7 +612,7 @@ def _not_starved(records: list[dict]) -> list[dict]:
     """Drop cells that got markedly less CPU than the sweep's other cells of the same model: other
     work ran during the cell though the load average was low at its start and end."""
     kept = []
-    for recs in _groups(records, lambda r: model_key(r)).values():
+    for recs in _groups(records, model_key).values():
         shares = sorted(r["machine"]["cpu_per_wall"] for r in recs if r["machine"].get("cpu_per_wall"))
         if not shares:
             kept += recs
@@ -654,7 +654,7 @@ def _cost_section(pruned: Sequence[dict], dense: Sequence[dict]) -> list[str]:
                   f"end, or CPU seconds per wall second under {STARVED:g} x the median of the model's cells), "
                   "before load was recorded, or reused another cell's result; their results stand, their timings "
                   "are left out.", ""]
-    for model, recs in _groups(records, lambda r: model_key(r)).items():
+    for model, recs in _groups(records, model_key).items():
         lines += [f"### `{model}`", ""]
         groups = _groups(recs, lambda r: ("dense", "-", _eval_setup(r)) if r["kind"] == "dense"
                          else (r["config"]["method"], r["label"], _eval_setup(r)))

@@ -36,8 +36,8 @@ from .results import read_records
 
 log = logging.getLogger(__name__)
 
-TOP_KEYS = ("model", "dtype", "compute_dtype", "device", "batch_size", "offload", "trust_remote_code", "calibration", "eval", "grid",
-            "dense", "plots_dir", "results", "pass1_cache_entries")
+TOP_KEYS = ("model", "dtype", "compute_dtype", "device", "batch_size", "offload", "trust_remote_code", "calibration",
+            "eval", "grid", "dense", "plots_dir", "results", "pass1_cache_entries")
 ENTRY_KEYS = ("name", "methods", "allocations", "sparsities", "patterns", "als", "baselines", "calibration", "eval",
               "allocation_file")
 CALIBRATION_KEYS = ("corpus", "nsamples", "seqlen", "seeds")
@@ -198,8 +198,8 @@ def parse_spec(raw: Any) -> SweepSpec:
     cells: list[Cell] = []
     for i, entry in enumerate(grid):
         cells.extend(_expand_entry(entry, f"grid[{i}]", model, dtype, batch_size, offload, calibration, eval_base))
-    cells = [dataclasses.replace(c, compute=compute_dtype, prune=dataclasses.replace(c.prune, compute_dtype=compute_dtype))
-             for c in cells]
+    cells = [dataclasses.replace(c, compute=compute_dtype,
+                                 prune=dataclasses.replace(c.prune, compute_dtype=compute_dtype)) for c in cells]
     if not isinstance(raw.get("dense", True), bool):
         raise SweepConfigError(f"dense must be true or false, got {raw['dense']!r}")
     unique: dict[str, Cell] = {}
@@ -209,7 +209,8 @@ def parse_spec(raw: Any) -> SweepSpec:
             unique.setdefault(dense.id, dense)
         unique.setdefault(cell.id, cell)
     return SweepSpec(
-        model=model, cells=tuple(unique.values()), dtype=dtype, compute_dtype=compute_dtype, device=device, batch_size=batch_size, offload=offload,
+        model=model, cells=tuple(unique.values()), dtype=dtype, compute_dtype=compute_dtype, device=device,
+        batch_size=batch_size, offload=offload,
         trust_remote_code=bool(raw.get("trust_remote_code", False)),
         plots_dir=Path(raw["plots_dir"]) if raw.get("plots_dir") else None,
         results=Path(raw["results"]) if raw.get("results") else None,

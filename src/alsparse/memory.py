@@ -35,3 +35,26 @@ def lean_allocator(threshold: int = 16 << 20) -> None:
     if _libc():
         _LIBC.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
         _LIBC.mallopt(-1, threshold)  # M_TRIM_THRESHOLD
+
+
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4; an older kernel answers EINVAL and nothing happens
+_PAGE = 4096
+
+
+def page_out(tensor) -> None:
+    """Hint the kernel to reclaim the whole pages under a contiguous CPU ``tensor`` no longer in
+    use (``madvise(MADV_PAGEOUT)``). Only a hint, and safe whatever the memory holds: clean pages of
+    a file mapping (weights loaded from safetensors) leave this process and are re-read from the
+    file if ever touched again; modified or anonymous pages stay unless there is swap. Frees the
+    resident pages of weights replaced by :meth:`alsparse.models.LinearRef.write_`, which stay
+    mapped as long as any other tensor of the same file lives. A no-op off glibc or off the CPU."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or not _libc():
+        return
+    import ctypes
+
+    begin = tensor.data_ptr()
+    start = -(-begin // _PAGE) * _PAGE  # the whole pages inside the tensor only
+    end = (begin + tensor.numel() * tensor.element_size()) // _PAGE * _PAGE
+    if end > start:
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(_MADV_PAGEOUT))

@@ -261,3 +261,41 @@ def test_overwrite_survives_a_killed_runs_backup_with_this_pid(calib_ids, tmp_pa
     (stale / "config.json").write_text("{}")
     save(model, None, report, out, overwrite=True)
     assert (out / "config.json").is_file() and not stale.exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # nn.Linear / GPT-2's transposed Conv1D
+def test_write_replaces_the_storage_of_a_memory_mapped_weight_and_nothing_else(family, tmp_path):
+    """LinearRef.write_ gives the Parameter a fresh storage (no copy-on-write faults in a safetensors
+    mapping): the Parameter object stays (hooks, tied names), the written values are a copy (the
+    caller's tensor may change afterwards), the file and every other weight are untouched, and
+    a wrong shape is refused."""
+    make_tiny(family).save_pretrained(tmp_path)  # safetensors: from_pretrained maps it
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ref = find_linears(decoder_blocks(model)[0])[0]
+    param, before = ref.module.weight, {n: p.detach().clone() for n, p in model.named_parameters()}
+    mapped = param.data_ptr()
+    new = torch.randn_like(ref.weight_oi)
+    ref.write_(new)
+    assert ref.module.weight is param and torch.equal(ref.weight_oi, new)
+    assert param.data_ptr() != mapped, "written into the mapped (copy-on-write) pages"
+    new.zero_()
+    assert ref.weight_oi.abs().sum() > 0, "the weight aliases the caller's tensor"
+    full = f"{'model.layers' if family == 'llama' else 'transformer.h'}.0.{ref.name}.weight"
+    for name, p in model.named_parameters():
+        if name != full:
+            assert torch.equal(p, before[name]), name
+    assert torch.equal(dict(fresh.named_parameters())[full], before[full]), "the file was written"
+    with pytest.raises(ValueError, match="writing a"):
+        ref.write_(torch.zeros(3, 5))
+
+
+def test_page_out_keeps_every_value():
+    """page_out is only a reclaim hint: anonymous and memory-mapped tensors read back unchanged."""
+    from alsparse.memory import page_out
+
+    x = torch.randn(1 << 16)
+    kept = x.clone()
+    page_out(x)
+    page_out(x[1:])  # not page aligned: only whole pages inside are hinted
+    assert torch.equal(x, kept)

@@ -4,7 +4,7 @@ masks' agreement between the two, and token-ppl (first 40 windows of 1024, WikiT
 saved model evaluated in fp32 (so the figure isolates the prune); then the dense model evaluated
 in each compute dtype (tokens/s and ppl). Each prune and each evaluation is its own process.
 
-    .venv/bin/python benchmarks/bench_compute_dtype.py --json benchmarks/results/compute_dtype.json
+    .venv/bin/python benchmarks/bench_compute_dtype.py --json benchmarks/results/compute_dtype_<machine>.json
 
 Also the matmul work each prune does (prune_flops) over its time, against this machine's peak for
 one block-sized matmul in that dtype (matmul_peak). Records the CPU, its bf16 flags, what --compute-dtype auto resolves to, and the load average before
@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from alsparse import compute
 
-DEFAULT_METHODS = "wanda:uniform,sparsegpt:uniform"
+DEFAULT_METHODS = "wanda:uniform,sparsegpt:uniform,magnitude:uniform,wanda:als"
 
 
 def _run(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
@@ -63,6 +63,8 @@ def evaluate(model: str, dtype: str, args) -> dict:
     result = json.loads((Path(args.tmp) / "eval.json").read_text())
     ppl = result["token_ppl"]["wikitext2"]
     return {"compute_dtype": result["compute_dtype"], "ppl": ppl["ppl"], "tokens": ppl["tokens"],
+            "eval_s": result["speed"]["token_ppl:wikitext2"]["seconds"],
+            "tokens_per_s": result["speed"]["token_ppl:wikitext2"]["tokens_per_s"],
             "process_wall_s": round(wall, 1), "process_cpu_s": round(cpu, 1)}
 
 
@@ -128,7 +130,7 @@ def main() -> None:
                "loadavg_start": os.getloadavg()}
     machine["matmul_peak_gflops"] = {d: round(matmul_peak(getattr(torch, d)), 1) for d in dtypes}
     print(json.dumps(machine), file=sys.stderr, flush=True)
-    out: dict = {"machine": machine, "settings": vars(args), "prunes": [], "dense_eval": []}
+    out: dict = {"machine": machine, "prunes": [], "dense_eval": [], "complete": False}
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = tmp
         for spec in args.methods.split(","):
@@ -137,27 +139,39 @@ def main() -> None:
             for dtype in dtypes:
                 saved = Path(tmp) / f"{method}-{allocation}-{dtype}"
                 row = prune(method, allocation, dtype, saved, args)
-                row["matmul_gflops_reached"] = round(prune_flops(method, args) / row["pruning_s"] / 1e9, 1)
-                row["fraction_of_matmul_peak"] = round(row["matmul_gflops_reached"]
-                                                       / machine["matmul_peak_gflops"][dtype], 3)
+                if allocation == "uniform" and method != "magnitude":  # the work prune_flops counts
+                    row["matmul_gflops_reached"] = round(prune_flops(method, args) / row["pruning_s"] / 1e9, 1)
+                    row["fraction_of_matmul_peak"] = round(row["matmul_gflops_reached"]
+                                                           / machine["matmul_peak_gflops"][dtype], 3)
                 row["ppl_fp32_eval"] = evaluate(str(saved), "float32", args)["ppl"]
                 if rows:
                     row.update(agreement(Path(tmp) / f"{method}-{allocation}-{dtypes[0]}", saved))
                     row["x_baseline_wall"] = round(row["pruning_s"] / rows[0]["pruning_s"], 3)
                     row["ppl_vs_baseline"] = round(row["ppl_fp32_eval"] / rows[0]["ppl_fp32_eval"] - 1, 5)
                 rows.append(row)
+                out["prunes"].append(row)
+                _write(out, args)  # as it goes: a stopped run keeps what it measured
                 print(json.dumps(row), file=sys.stderr, flush=True)
-            out["prunes"].extend(rows)
         for dtype in dtypes:
             row = evaluate(args.model, dtype, args)
-            row["tokens_per_s"] = round(row["tokens"] / row["process_wall_s"], 1)
+            if out["dense_eval"]:
+                row["x_baseline_tokens_per_s"] = round(row["tokens_per_s"] / out["dense_eval"][0]["tokens_per_s"], 3)
+                row["ppl_vs_baseline"] = round(row["ppl"] / out["dense_eval"][0]["ppl"] - 1, 5)
             out["dense_eval"].append(row)
+            _write(out, args)
             print(json.dumps(row), file=sys.stderr, flush=True)
     machine["loadavg_end"] = os.getloadavg()
-    text = json.dumps(out, indent=2)
-    print(text)
+    out["complete"] = True
+    _write(out, args)
+    print(json.dumps(out, indent=2))
+
+
+def _write(out: dict, args) -> None:
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        settings = {k: v for k, v in vars(args).items() if k != "tmp"}
+        tmp = Path(args.json + ".tmp")
+        tmp.write_text(json.dumps({**out, "settings": settings}, indent=2) + "\n")
+        tmp.replace(args.json)
 
 
 def _cpu_model() -> str:

@@ -54,6 +54,41 @@ def make_tiny(family: str, seed: int = 0):
     return model.eval()
 
 
+def confident_llama():
+    """A tiny llama with confident predictions: its matrices scaled up 5x."""
+    model = make_tiny("llama")
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.mul_(5.0)
+    return model
+
+
+def sample_from(model, windows: int, generator: torch.Generator, length: int = 16) -> torch.Tensor:
+    """``windows`` token windows of ``length`` sampled from ``model`` itself (it predicts them well)."""
+    ids = torch.randint(1, 96, (windows, 1), generator=generator)
+    with torch.no_grad():
+        for _ in range(length - 1):
+            probs = torch.softmax(model(input_ids=ids).logits[:, -1].float(), dim=-1)
+            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    return ids
+
+
+def make_fragile(block: int, windows: int = 8, strong: float = 3.0, weak: float = 0.3):
+    """A confident tiny llama whose block ``block`` carries the signal (attention and MLP outputs 10x
+    those of the others), and windows sampled from it, so the dense model predicts them well and
+    pruning the fragile block hard costs held-out loss."""
+    from alsparse.models import decoder_blocks, find_linears
+
+    model = confident_llama()
+    with torch.no_grad():
+        for i, b in enumerate(decoder_blocks(model)):
+            for ref in find_linears(b):
+                if ref.name.endswith(("down_proj", "o_proj")):
+                    ref.module.weight.mul_(strong if i == block else weak)
+    return model, sample_from(model, windows, torch.Generator().manual_seed(0))
+
+
 @pytest.fixture(params=FAMILIES)
 def tiny_family(request):
     return request.param

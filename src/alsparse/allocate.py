@@ -372,3 +372,12 @@ def _atp(ctx: AllocationContext):
     if beta is None:
         raise ValueError("allocation 'atp' needs a beta: pass atp_beta, or use alsparse.atp.select_beta to pick it")
     return atp_allocate(len(ctx.units), ctx.sizes, ctx.target, beta), {"beta": beta}
+
+
+@register("search", needs=("features", "wanda"),
+          description="searched: evolution over per-block levels on held-out calibration loss, warm-started from the others")
+def _search(ctx: AllocationContext):
+    found = ctx.data.get("search")
+    if found is None:
+        raise ValueError("allocation 'search' runs inside prune_ (it needs the model and the calibration windows)")
+    return torch.tensor(found["sparsity"], dtype=torch.float64), {}

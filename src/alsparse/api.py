@@ -63,6 +63,10 @@ def prune_(
     needs = allocation_needs(config)
     _check_pattern_fits(model, config)
     _check_lazy(model, config, checkpoint)
+    if config.allocation == "search" and allocation is None:
+        from .search import check_config
+
+        check_config(config, model)
     compute_dtype = compute.resolve(config.compute_dtype, device, weights_dtype(model))
     try:
         with compute.using(compute_dtype):
@@ -106,7 +110,8 @@ def _prune(model, calibration, config, calibration_info, pass1_cache, checkpoint
             with timer("capture"):
                 acts = _capture(model, calibration, device, config)
     else:
-        config, acts, allocation = _allocate(model, calibration, config, pruner, needs, device, timer, pass1_cache)
+        config, acts, allocation = _allocate(model, calibration, config, pruner, needs, device, timer, pass1_cache,
+                                             checkpoint)
         if checkpoint is not None:
             checkpoint.save_allocation(allocation.state())
     with timer("prune"):
@@ -118,10 +123,11 @@ def _prune(model, calibration, config, calibration_info, pass1_cache, checkpoint
     return report
 
 
-def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_cache):
+def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_cache, checkpoint=None):
     """The capture, pass 1 (or its cached result), the strength search the config leaves open
-    (ATP's beta, graded ALS's strength) and the allocator."""
-    searching = _searches(model, config)
+    (ATP's beta, graded ALS's strength) or the searched allocation, and the allocator."""
+    hunting = config.allocation == "search"
+    searching = hunting or _searches(model, config)
     # the search's held-out windows stay out of the importance too
     pass1_config = _pass1_on_fit_windows(config, calibration) if searching and "features" in needs else config
     use_cache = bool(needs) and pass1_cache is not None and isinstance(calibration, torch.Tensor)
@@ -143,11 +149,19 @@ def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_ca
     search = {}
     if searching:
         _check_calibration(calibration)
-        from .strength import select
-
         acts = None  # the search holds activations of its own; the pruning pass captures again below
-        with timer("strength_search"):
-            config, search = select(model, calibration, config, data, device)
+        if hunting:
+            from .search import run as run_search
+
+            with timer("search"):
+                found, search = run_search(model, calibration, config, data, device,
+                                           state_dir=checkpoint.dir if checkpoint is not None else None)
+            data = {**data, "search": found}
+        else:
+            from .strength import select
+
+            with timer("strength_search"):
+                config, search = select(model, calibration, config, data, device)
         if pruner.needs_calibration:
             restore_resident(model)  # from disk: the search released the embeddings again
             with timer("capture"):

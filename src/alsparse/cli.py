@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="allow a model directory's own Python code to run (off: such models are refused)")
     pr.add_argument("--eval", action="store_true", help="evaluate dense and pruned models, side by side")
     _add_als_args(pr)
+    _add_search_args(pr)
     _add_eval_args(pr, prefix="eval-")
 
     ev = sub.add_parser("eval", help="evaluate a model: perplexity (named protocol) and zero-shot accuracy")
@@ -170,6 +171,26 @@ def _add_als_args(p: argparse.ArgumentParser) -> None:
                    help="how ATP's beta / graded ALS's strength candidates are scored on the held-out quarter of the "
                         "calibration: oneshot (default: every block pruned from the dense inputs, all candidates in "
                         "one pass) | sequential (a full prune per candidate; slower)")
+
+
+def _add_search_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("searched allocation (with --allocation search)")
+    g.add_argument("--search-budget", type=int, default=None,
+                   help="window forwards the evolution may spend on the held-out calibration windows "
+                        "(default: 12 per calibration window)")
+    g.add_argument("--search-fitness", default="loss", choices=("loss", "kl"),
+                   help="loss: next-token NLL (default) | kl: KL divergence from the dense model")
+    g.add_argument("--search-step", type=float, default=0.05, help="sparsity between two levels (default 0.05)")
+    g.add_argument("--search-span", type=float, default=0.2,
+                   help="levels stay within target +- span (default 0.2)")
+    g.add_argument("--search-offspring", type=int, default=16, help="children per generation (default 16)")
+
+
+def _search_options(args):
+    from .config import SearchOptions
+
+    return SearchOptions(budget=args.search_budget, fitness=args.search_fitness, step=args.search_step,
+                         span=args.search_span, offspring=args.search_offspring)
 
 
 def _baseline_options(args):
@@ -418,6 +439,7 @@ def _prune_locked(args, out: Path) -> int:
         offload=args.offload,
         als=_als_options(args),
         baselines=_baseline_options(args),
+        search=_search_options(args),
         strength_search=args.strength_search,
         compute_dtype=args.compute_dtype,
     )

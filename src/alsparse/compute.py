@@ -114,6 +114,11 @@ def using(dtype: Optional[torch.dtype]) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def active() -> Optional[torch.dtype]:
+    """The compute dtype of the enclosing :func:`using` (None outside one: what the weights are)."""
+    return _ACTIVE.get()
+
+
 def _lowering(device: torch.device) -> Optional[torch.dtype]:
     dtype = _ACTIVE.get()
     if dtype is None or dtype == torch.float32 or device.type not in ("cpu", "cuda", "xpu", "mps"):

@@ -110,6 +110,40 @@ class BaselineOptions:
 
 
 @dataclass(frozen=True)
+class SearchOptions:
+    """The searched allocation (``allocation="search"``, alsparse.search): an evolution over per-block
+    sparsity levels ``target + j * step`` within ``target +- span``, scored on the held-out quarter
+    of the calibration windows. ``budget``: window forwards the evolution may spend (None: 12 per
+    calibration window). ``stages``: (survivors, windows, tokens per window) per selection stage;
+    the last keeps one child, scored on the first windows of the held-out set (tokens None: the
+    whole window)."""
+
+    budget: Optional[int] = None
+    step: float = 0.05
+    span: float = 0.2
+    offspring: int = 16
+    stages: tuple[tuple[int, int, Optional[int]], ...] = ((4, 1, 256), (1, 2, None))
+    max_flips: int = 3
+    fitness: str = "loss"  # loss: next-token NLL | kl: KL(dense || candidate) over the vocabulary
+    warm_start: tuple[str, ...] = ("uniform", "als", "owl", "atp")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple((int(a), int(b), None if c is None else int(c)) for a, b, c in self.stages))
+        object.__setattr__(self, "warm_start", tuple(self.warm_start))
+        if self.budget is not None and self.budget < 0:
+            raise ValueError(f"search budget must be >= 0 window forwards, got {self.budget}")
+        if not 0 < self.span < 1 or not 0 < self.step <= self.span:
+            raise ValueError(f"search step and span need 0 < step <= span < 1, got step {self.step}, span {self.span}")
+        if self.offspring < 1 or self.max_flips < 1:
+            raise ValueError("search offspring and max_flips must be >= 1")
+        _choice("search fitness", self.fitness, ("loss", "kl"))
+        for name in self.warm_start:
+            _choice("search warm start", name, ("uniform", "als", "owl", "atp"))
+        if "uniform" not in self.warm_start:
+            raise ValueError("search warm_start must include 'uniform' (so the search never loses to it)")
+
+
+@dataclass(frozen=True)
 class PruneConfig:
     method: str = "wanda"
     sparsity: float = 0.5
@@ -122,6 +156,7 @@ class PruneConfig:
     offload: str = "device"  # where calibration activations live: device | cpu
     als: ALSOptions = field(default_factory=ALSOptions)
     baselines: BaselineOptions = field(default_factory=BaselineOptions)
+    search: SearchOptions = field(default_factory=SearchOptions)
     sparsegpt_blocksize: int = 128
     sparsegpt_damp: float = 0.01
     # how a strength search (ATP's beta, graded ALS's strength) scores its candidates on the held-out

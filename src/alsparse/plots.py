@@ -67,6 +67,56 @@ def component_heatmap(report, path: Path) -> Optional[Path]:
     return path
 
 
+def search_fitness_curve(record: dict, path: Path) -> Path:
+    """The searched allocation's parent fitness per generation (and each generation's best child),
+    with the warm starts' fitness as reference lines."""
+    plt = _pyplot()
+    trace = record.get("trace", [])
+    fig, ax = plt.subplots(figsize=(6.0, 3.4), dpi=110)
+    if trace:
+        gens = [t["generation"] for t in trace]
+        ax.plot(gens, [t["best_child"] for t in trace], ".", color="tab:gray", markersize=3, label="best child")
+        ax.step(gens, [t["parent"] for t in trace], where="post", color="tab:blue", label="parent")
+    for warm, color in zip(sorted(record.get("warm_starts", []), key=lambda w: w["fitness"])[:3],
+                           ("tab:green", "tab:orange", "tab:purple")):
+        ax.axhline(warm["fitness"], color=color, linestyle=":", linewidth=1, label=warm["name"])
+    ax.set_xlabel("generation")
+    ax.set_ylabel(f"held-out calibration {record.get('fitness', 'loss')}")
+    ax.set_title("searched allocation: fitness", fontsize=10)
+    return _finish(plt, fig, ax, path)
+
+
+def search_allocations(record: dict, path: Path, target: float) -> Path:
+    """The found per-block sparsity beside the start and the best ALS warm start."""
+    plt = _pyplot()
+    step = record["grid"]["step"]
+    found = [target + j * step for j in record["offsets"]]
+    lines = [("searched", found, "tab:blue")]
+    warm = {w["name"]: w for w in record.get("warm_starts", [])}
+    if record.get("start") in warm and record["start"] != "uniform":
+        lines.append((f"start: {record['start']}", warm[record["start"]]["sparsity"], "tab:orange"))
+    als = [w for w in record.get("warm_starts", []) if w["name"].startswith("als(")]
+    if als:
+        best = min(als, key=lambda w: w["fitness"])
+        lines.append((best["name"], best["sparsity"], "tab:green"))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.18 * len(found) + 2), 3.4), dpi=110)
+    for label, values, color in lines:
+        ax.plot(range(len(values)), values, marker="o", markersize=3, color=color, label=label)
+    ax.axhline(target, color="tab:red", linestyle="--", linewidth=1, label=f"target {target:.2f}")
+    ax.set_xlabel("block")
+    ax.set_ylabel("sparsity")
+    ax.set_title("searched allocation beside its start and ALS", fontsize=10)
+    return _finish(plt, fig, ax, path)
+
+
+def _finish(plt, fig, ax, path: Path) -> Path:
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _linear_order(name: str) -> int:
     order = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     leaf = name.split(".")[-1]
@@ -100,4 +150,7 @@ def write_plots(report, out_dir: Path) -> list[Path]:
     )
     if len(alloc.get("units", [])) > report.num_blocks:
         written.append(component_heatmap(report, out_dir / "allocation_linears.png"))
+    if diag.get("search"):
+        written.append(search_fitness_curve(diag["search"], out_dir / "search_fitness.png"))
+        written.append(search_allocations(diag["search"], out_dir / "search_allocation.png", report.target_sparsity))
     return written

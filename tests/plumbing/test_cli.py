@@ -37,10 +37,24 @@ def test_prune_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert zeros > 0
 
 
+def test_prune_cli_searched_allocation(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "searched"
+    code = main(_prune_args(tiny_model_dir, out, "--allocation", "search", "--sparsity", "0.6", "--search-budget",
+                            "40", "--search-offspring", "4", "--als-tokens", "32"))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out)
+    assert summary["achieved_sparsity"] == pytest.approx(0.6, abs=1e-4)
+    report = json.loads((out / "alsparse_report.json").read_text())
+    record = report["allocation"]["diagnostics"]["search"]
+    assert record["budget_window_forwards"] == 40 and record["window_forwards"] <= 40
+    assert (out / "search_fitness.png").is_file() and (out / "search_allocation.png").is_file()
+
+
 def test_ls_lists_registries(capsys):
     assert main(["ls"]) == 0
     out = capsys.readouterr().out
-    for name in ("magnitude", "wanda", "sparsegpt", "uniform", "als", "owl", "dlp", "alphapruning", "atp", "file"):
+    for name in ("magnitude", "wanda", "sparsegpt", "uniform", "als", "owl", "dlp", "alphapruning", "atp", "file", "search"):
         assert name in out
 
 
@@ -52,6 +66,8 @@ BAD = [
     (["--pattern", "3:6"], "divisible by 6"),
     (["--method", "bogus"], "choose one of: magnitude, sparsegpt, wanda"),
     (["--allocation", "bogus"], "choose one of:"),
+    (["--allocation", "search", "--search-step", "0.5"], "step and span"),
+    (["--allocation", "search", "--pattern", "2:4"], "unstructured sparsity only"),
     (["--als-level", "bogus"], "als level"),
     (["--allocation", "als", "--als-bounds", "absolute"], "needs s_min and s_max"),
     (["--allocation", "als", "--als-bounds", "absolute", "--als-smin", "0.6", "--als-smax", "0.8"], "infeasible"),

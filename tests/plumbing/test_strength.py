@@ -15,7 +15,7 @@ from alsparse.capture import capture_block_inputs, stream_blocks
 from alsparse.config import ALSOptions, BaselineOptions, PruneConfig
 from alsparse.models import decoder_blocks, find_linears, head_logits
 
-from conftest import FAMILIES, make_tiny
+from conftest import FAMILIES, make_fragile, make_tiny
 
 IDS = torch.randint(1, 96, (8, 16), generator=torch.Generator().manual_seed(0))
 
@@ -32,25 +32,7 @@ def test_head_logits_of_streamed_hidden_states_equal_the_model_logits(family):
 
 
 def _fragile(block: int):
-    """A tiny llama with confident predictions (its matrices scaled up) whose block ``block`` carries
-    the signal (attention and MLP outputs 10x those of the others), and windows sampled from it, so
-    the dense model predicts them well and pruning the fragile block hard costs held-out loss."""
-    model = make_tiny("llama")
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.mul_(5.0)
-        for i, b in enumerate(decoder_blocks(model)):
-            for ref in find_linears(b):
-                if ref.name.endswith(("down_proj", "o_proj")):
-                    ref.module.weight.mul_(3.0 if i == block else 0.3)
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, 96, (8, 1), generator=generator)
-    with torch.no_grad():
-        for _ in range(15):
-            probs = torch.softmax(model(input_ids=ids).logits[:, -1].float(), dim=-1)
-            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], dim=1)
-    return model, ids
+    return make_fragile(block)
 
 
 def _psi_protecting(block: int, L: int = 3) -> torch.Tensor:

@@ -4,6 +4,7 @@ by its protocol; `format_results` prints one table per protocol (never token-ppl
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -97,12 +98,13 @@ def _token_ppl(model, tokenizer, name: str, seq_len: int, cfg: EvalConfig) -> di
 
 def evaluate(model, tokenizer, cfg: EvalConfig | None = None) -> dict:
     """{"config", "seq_len", "token_ppl": {corpus: ...}, "word_ppl": {...}, "tasks": {task: ...},
-    "tasks_mean": {...} or None}; every result carries its "protocol" or "metric_of_record"."""
+    "tasks_mean": {...} or None, "speed": {"token_ppl:CORPUS": {"seconds", "tokens_per_s"}}}; every
+    result carries its "protocol" or "metric_of_record"."""
     cfg = cfg or EvalConfig()
     seq_len = resolve_seq_len(model, cfg)
     dtype = compute.resolve(cfg.compute_dtype, model_device(model), weights_dtype(model))
     results: dict = {"config": asdict(cfg), "seq_len": seq_len, "compute_dtype": compute.name(dtype),
-                     "token_ppl": {}, "word_ppl": {}, "tasks": {}, "tasks_mean": None}
+                     "token_ppl": {}, "word_ppl": {}, "tasks": {}, "tasks_mean": None, "speed": {}}
     with compute.using(dtype):
         _measure(model, tokenizer, cfg, seq_len, results)
     return results
@@ -110,7 +112,11 @@ def evaluate(model, tokenizer, cfg: EvalConfig | None = None) -> dict:
 
 def _measure(model, tokenizer, cfg: EvalConfig, seq_len: int, results: dict) -> None:
     for name in cfg.ppl:
-        results["token_ppl"][name] = _token_ppl(model, tokenizer, name, seq_len, cfg)
+        start = time.perf_counter()
+        results["token_ppl"][name] = result = _token_ppl(model, tokenizer, name, seq_len, cfg)
+        seconds = time.perf_counter() - start  # apart from the results, which compare equal run to run
+        results["speed"][f"token_ppl:{name}"] = {"seconds": round(seconds, 2),
+                                                 "tokens_per_s": round(result["tokens"] / max(seconds, 1e-9), 1)}
     if cfg.word_ppl:
         max_length = cfg.seq_len or model_max_length(model) or DEFAULT_SEQ_LEN
         result = word_perplexity(model, tokenizer, documents("wikitext2", "test"), max_length,

@@ -1,0 +1,427 @@
+"""The searched allocation (``--allocation search``): an evolution over per-block sparsity levels,
+scored on held-out calibration windows, never on evaluation text.
+
+1. **Level database.** The calibration windows are split as for a strength search (the last
+   quarter held out). One stream over the blocks with the dense model's inputs (fit windows):
+   each block's statistics, then every linear pruned at every level of the grid
+   (``target + j * step`` within ``target +- span``). Magnitude and Wanda store the mask (packed
+   bits), SparseGPT the pruned weights; on disk, in the checkpoint directory when there is one.
+2. **Warm start.** Uniform, ALS (graded, block level, every strength of its grid), OWL and ATP
+   (every beta of its grid) from the same pass-1 data, each quantised to the grid with the budget
+   exact, scored on the final selection windows; the best is the start, so the result is never
+   worse on that fitness than any of them.
+3. **Evolution** (:mod:`alsparse.allocation.evolution`): level-switch mutations inside size groups
+   (exact budget), multi-step selection, elitist. A candidate is assembled by writing the stored
+   levels into the blocks that differ from the last candidate, then one ordinary forward over the
+   held-out windows. Fitness: mean next-token NLL (``loss``) or KL from the dense model's
+   next-token distribution (``kl``; the dense log-probabilities are kept on disk, bf16).
+4. The dense weights are put back; the engine then prunes the model sequentially with the found
+   per-block ratios (exact achieved sparsity as for every allocator).
+
+With a checkpoint directory the state is saved after every generation and ``--resume`` continues
+the search where it stopped (the same allocation as an uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from . import compute
+from .allocation.evolution import (
+    EvolutionState,
+    LevelGrid,
+    Stage,
+    check_stages,
+    evolve,
+    generation_cost,
+    is_balanced,
+    quantize,
+    size_groups,
+)
+from .config import Pattern, PruneConfig
+
+log = logging.getLogger(__name__)
+
+MASK_PRUNERS = ("magnitude", "wanda")  # their pruned weight is the dense weight with a mask applied
+STATE_FILE = "search_state.json"
+DB_DIR = "search_db"
+CACHE_BYTES = 256 << 20  # levels read back from disk kept in memory (masks are 1/32 of fp32 weights)
+
+
+def default_budget(calibration_windows: int) -> int:
+    return 12 * int(calibration_windows)
+
+
+def stages_of(config: PruneConfig, seq_len: int, heldout_windows: int) -> list[Stage]:
+    """The configured stages; a stage asking for more windows than are held out scores on all of them."""
+    stages = []
+    for (survivors, windows, _), length in zip(config.search.stages, _lengths(config, seq_len)):
+        if windows > heldout_windows:
+            log.info("search: a stage asks for %d windows, %d are held out: it scores on all of them",
+                     windows, heldout_windows)
+        stages.append(Stage(survivors, min(windows, heldout_windows), length / seq_len))
+    return stages
+
+
+def _lengths(config: PruneConfig, seq_len: int) -> list[int]:
+    return [seq_len if c is None else min(int(c), seq_len) for _, _, c in config.search.stages]
+
+
+def check_config(config: PruneConfig, model) -> None:
+    """What the search does not support yet, refused before any work."""
+    from .lazy import lazy_block
+    from .models import decoder_blocks
+    from . import distributed
+
+    if config.parsed_pattern.is_nm:
+        raise ValueError("allocation 'search' supports unstructured sparsity only (N:M mixes are not searched yet)")
+    if distributed.world_size() > 1:
+        raise ValueError("allocation 'search' runs in one process (not under torchrun) for now")
+    blocks = decoder_blocks(model)
+    if blocks and lazy_block(blocks[0]) is not None:
+        raise ValueError("allocation 'search' needs the model in memory (not streamed from disk) for now")
+
+
+class LevelDatabase:
+    """Per block and level offset, what turns the dense linears into the pruned ones."""
+
+    def __init__(self, directory: Path, grid: LevelGrid, masks: bool) -> None:
+        self.dir, self.grid, self.masks = directory, grid, masks
+        self._cache: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._cached_bytes = 0
+
+    def path(self, block: int, offset: int) -> Path:
+        return self.dir / f"block-{block:05d}-level-{offset:+04d}.pt"
+
+    def put(self, block: int, offset: int, dense: dict[str, torch.Tensor], pruned: dict[str, torch.Tensor]) -> None:
+        if self.masks:
+            payload = {name: _pack(pruned[name] == 0) for name in pruned}
+        else:
+            payload = {name: w.detach().cpu().contiguous() for name, w in pruned.items()}
+        tmp = self.path(block, offset).with_suffix(".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(self.path(block, offset))
+
+    def weights(self, block: int, offset: int, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The block's linears (``[O, I]``, by name) at this level."""
+        key = (block, offset)
+        stored = self._cache.get(key)
+        if stored is None:
+            stored = torch.load(self.path(block, offset), weights_only=True)
+            size = sum(t.numel() * t.element_size() for t in stored.values())
+            while self._cache and self._cached_bytes + size > CACHE_BYTES:  # oldest first
+                old = self._cache.pop(next(iter(self._cache)))
+                self._cached_bytes -= sum(t.numel() * t.element_size() for t in old.values())
+            self._cache[key] = stored
+            self._cached_bytes += size
+        if not self.masks:
+            return stored
+        return {name: w.masked_fill(_unpack(stored[name], w.shape).to(w.device), 0) for name, w in dense.items()}
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.packbits(mask.detach().cpu().numpy().reshape(-1)))
+
+
+def _unpack(packed: torch.Tensor, shape) -> torch.Tensor:
+    numel = math.prod(shape)
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel).astype(bool)).reshape(shape)
+
+
+def _db_fingerprint(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGrid) -> str:
+    from .checkpoint import model_fingerprint
+    from .data.calibration import fingerprint
+
+    text = json.dumps({"model": model_fingerprint(model), "fit": fingerprint(fit), "method": config.method,
+                       "grid": dataclasses.asdict(grid), "damp": config.sparsegpt_damp,
+                       "blocksize": config.sparsegpt_blocksize, "compute": compute.name(compute.active())},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def build_database(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGrid, device, directory: Path) -> LevelDatabase:
+    """Every block pruned at every level from the dense model's inputs (fit windows), stored."""
+    from .api import _capture
+    from .capture import record_input_stats, stream_blocks
+    from .pruning import PRUNERS
+
+    pruner = PRUNERS.get(config.method)
+    db = LevelDatabase(directory, grid, masks=config.method in MASK_PRUNERS)
+    marker = directory / "complete.json"
+    key = _db_fingerprint(model, fit, config, grid)
+    if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+        log.info("search: reusing the level database in %s", directory)
+        return db
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    acts = _capture(model, fit, device, config) if pruner.needs_calibration else None
+    offsets = grid.offsets()
+    if acts is None:
+        from .api import _steps_without_data
+
+        steps = _steps_without_data(model, config, device)
+    else:
+        steps = stream_blocks(model, acts, device, desc="search: level database", consume=True)
+    with contextlib.closing(steps):
+        for step in steps:
+            stats = {}
+            if acts is not None:
+                stats = record_input_stats(step, pruner.needs_norms, pruner.needs_hessian, keep_outputs=True)
+            dense = {ref.name: ref.weight_oi.detach() for ref in step.linears}
+            for offset in offsets:
+                sparsity = grid.sparsity(offset)
+                pruned = {}
+                for ref in step.linears:
+                    if sparsity <= 0:
+                        pruned[ref.name] = dense[ref.name]
+                        continue
+                    pruned[ref.name] = pruner.prune(ref.weight_oi, stats.get(ref.name), sparsity, Pattern(),
+                                                    blocksize=config.sparsegpt_blocksize, damp=config.sparsegpt_damp)
+                db.put(step.index, offset, dense, pruned)
+            for st in stats.values():
+                st.forget_derived()
+    marker.write_text(json.dumps({"key": key, "levels": offsets}))
+    return db
+
+
+class Scorer:
+    """Assembles candidates in the model (only the blocks that change) and scores them."""
+
+    def __init__(self, model, heldout: torch.Tensor, db: LevelDatabase, config: PruneConfig, device,
+                 directory: Path) -> None:
+        from .models import decoder_blocks, find_linears
+
+        self.model, self.heldout, self.db, self.config, self.device = model, heldout, db, config, device
+        self.blocks = decoder_blocks(model)
+        self.refs = [find_linears(block) for block in self.blocks]
+        self.dense = [{ref.name: ref.weight_oi.detach().clone() for ref in refs} for refs in self.refs]
+        self.current: list[Optional[int]] = [None] * len(self.blocks)  # None: dense
+        self.forwards = 0
+        self.dense_logprobs = None
+        if config.search.fitness == "kl":
+            self.dense_logprobs = self._dense_logprobs(directory / "dense_logprobs.bf16")
+
+    def load(self, offsets: list[int]) -> None:
+        for b, offset in enumerate(offsets):
+            if self.current[b] == offset:
+                continue
+            weights = self.db.weights(b, offset, self.dense[b])
+            for ref in self.refs[b]:
+                ref.write_(weights[ref.name])
+            self.current[b] = offset
+
+    def restore(self) -> None:
+        for b, refs in enumerate(self.refs):
+            if self.current[b] is not None:
+                for ref in refs:
+                    ref.write_(self.dense[b][ref.name])
+                self.current[b] = None
+
+    def score(self, candidates: list[list[int]], windows: list[int], length: int) -> list[float]:
+        out = []
+        for candidate in candidates:
+            self.load(candidate)
+            out.append(self._fitness(windows, length))
+        return out
+
+    def _fitness(self, windows: list[int], length: int) -> float:
+        from .strength import _finite
+
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for w in windows:
+                ids = self.heldout[w : w + 1, :length].to(self.device)
+                with compute.lowered(self.device):
+                    logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()  # [T-1, V]
+                self.forwards += 1
+                if self.dense_logprobs is None:
+                    total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+                else:
+                    ref = self.dense_logprobs[w, : length - 1].to(self.device, torch.float32)  # [T-1, V]
+                    logq = torch.log_softmax(logits, dim=-1)
+                    total += float((ref.exp() * (ref - logq)).sum())
+                count += length - 1
+        return _finite(total / count)
+
+    def _dense_logprobs(self, path: Path) -> torch.Tensor:
+        """The dense model's next-token log-probabilities on every held-out window, bf16 on disk."""
+        windows, seq = self.heldout.shape
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        store = torch.from_file(str(path), shared=True, size=windows * (seq - 1) * vocab, dtype=torch.bfloat16)
+        store = store.view(windows, seq - 1, vocab)
+        with torch.no_grad():
+            for w in range(windows):
+                ids = self.heldout[w : w + 1].to(self.device)
+                with compute.lowered(self.device):
+                    logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+                store[w] = torch.log_softmax(logits, dim=-1).to(torch.bfloat16).cpu()
+        return store
+
+
+def _warm_starts(model, config: PruneConfig, data: dict, grid: LevelGrid, sizes: list[int]) -> list[tuple[str, list[int]]]:
+    """(name, quantised offsets) of every warm-start allocation; equal ones once (first name kept)."""
+    from .allocate import allocate
+    from .models import decoder_blocks
+
+    candidates: list[tuple[str, PruneConfig]] = []
+    block_als = dataclasses.replace(config.als, level="block", solver="graded")
+    for name in config.search.warm_start:
+        if name == "uniform":
+            candidates.append(("uniform", dataclasses.replace(config, allocation="uniform")))
+        elif name == "owl":
+            candidates.append(("owl", dataclasses.replace(config, allocation="owl")))
+        elif name == "als":
+            for t in sorted(set(config.als.strength_grid) - {0.0}):
+                candidates.append((f"als(strength={t:g})", dataclasses.replace(
+                    config, allocation="als", als=dataclasses.replace(block_als, strength=float(t)))))
+        elif name == "atp":
+            from .allocation import atp_beta_grid
+
+            for beta in atp_beta_grid(len(decoder_blocks(model)), config.sparsity, n=config.baselines.atp_grid):
+                if float(beta) == 0.0:
+                    continue
+                candidates.append((f"atp(beta={float(beta):.4g})", dataclasses.replace(
+                    config, allocation="atp", baselines=dataclasses.replace(config.baselines, atp_beta=float(beta)))))
+    out, seen = [], set()
+    for name, cfg in candidates:
+        try:
+            allocation = allocate(model, cfg, data, warn=False)
+        except (ValueError, KeyError) as exc:  # an allocator that cannot run on this model/data
+            log.warning("search: warm start %s skipped (%s)", name, exc)
+            continue
+        offsets = quantize(allocation.sparsity, sizes, grid)
+        if tuple(offsets) not in seen:
+            seen.add(tuple(offsets))
+            out.append((name, offsets))
+    return out
+
+
+def run(model, calibration: torch.Tensor, config: PruneConfig, data: dict, device,
+        state_dir: Optional[Path] = None) -> tuple[dict, dict]:
+    """The search: returns ({"sparsity": per block}, the record for the allocation diagnostics)."""
+    from .allocate import make_units
+    from .strength import split
+
+    check_config(config, model)
+    opts = config.search
+    fit, heldout = split(calibration)
+    seq_len = int(calibration.shape[1])
+    stages, lengths = stages_of(config, seq_len, int(heldout.shape[0])), _lengths(config, seq_len)
+    check_stages(opts.offspring, stages, int(heldout.shape[0]))
+    grid = LevelGrid(float(config.sparsity), opts.step, opts.span)
+    units = make_units(model, "block")
+    sizes = [u.size for u in units]
+    groups = size_groups(sizes)
+    budget = default_budget(calibration.shape[0]) if opts.budget is None else int(opts.budget)
+    started = time.perf_counter()
+
+    temporary = None
+    if state_dir is None:
+        temporary = Path(tempfile.mkdtemp(prefix="alsparse-search-"))
+        work = temporary
+    else:
+        work = Path(state_dir)
+    try:
+        timings = {}
+        t0 = time.perf_counter()
+        db = build_database(model, fit, config, grid, device, work / DB_DIR)
+        timings["database_s"] = round(time.perf_counter() - t0, 2)
+        scorer = Scorer(model, heldout, db, config, device, work)
+        try:
+            final = list(range(stages[-1].windows))
+            t0 = time.perf_counter()
+            warm = _warm_starts(model, config, data, grid, sizes)
+            warm_scores = scorer.score([o for _, o in warm], final, lengths[-1])
+            timings["warm_start_s"] = round(time.perf_counter() - t0, 2)
+            best = min(range(len(warm)), key=lambda i: (warm_scores[i], i))
+            for (name, _), score in zip(warm, warm_scores):
+                log.info("search warm start %-22s fitness %.5f%s", name, score, "  <- start" if name == warm[best][0] else "")
+            state = _load_state(state_dir)
+            if state is None:
+                state = EvolutionState(list(warm[best][1]), warm_scores[best])
+            else:
+                log.info("search: resuming at generation %d (%.1f window forwards spent)", state.generation, state.forwards)
+            state = _evolve(state, scorer, groups, grid, config, stages, lengths, budget, heldout.shape[0], state_dir)
+            timings["evolution_s"] = round(time.perf_counter() - t0, 2)
+        finally:
+            scorer.restore()
+        if not is_balanced(state.parent, groups):  # cannot happen: every step keeps it
+            raise RuntimeError("the searched allocation lost its exact budget")
+        sparsity = [grid.sparsity(j) for j in state.parent]
+        record = {
+            "fitness": opts.fitness,
+            "grid": {"step": opts.step, "span": opts.span, "levels": [grid.sparsity(j) for j in grid.offsets()]},
+            "budget_window_forwards": budget,
+            "offspring": opts.offspring,
+            "stages": [{"survivors": s.survivors, "windows": s.windows, "tokens": t} for s, t in zip(stages, lengths)],
+            "fit_windows": int(fit.shape[0]),
+            "heldout_windows": int(heldout.shape[0]),
+            "warm_starts": [{"name": n, "fitness": s, "sparsity": [grid.sparsity(j) for j in o]}
+                            for (n, o), s in zip(warm, warm_scores)],
+            "start": warm[best][0],
+            "start_fitness": warm_scores[best],
+            "final_fitness": state.parent_score,
+            "generations": state.generation,
+            "window_forwards": state.forwards,
+            "trace": state.trace,
+            "offsets": state.parent,
+            "seconds": {**timings, "total_s": round(time.perf_counter() - started, 2)},
+        }
+        log.info("search: %d generations, fitness %.5f (start %s %.5f)", state.generation, state.parent_score,
+                 warm[best][0], warm_scores[best])
+        return {"sparsity": sparsity}, {"search": record}
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _evolve(state, scorer: Scorer, groups, grid, config, stages, lengths, budget, heldout_windows, state_dir):
+    from tqdm.auto import tqdm
+
+    per_generation = generation_cost(config.search.offspring, stages)
+    total = int(budget // per_generation) if per_generation else 0
+    bar = tqdm(total=total, initial=min(state.generation, total), desc="search", unit="gen", leave=False)
+    def fitness(candidates, windows, stage):
+        return scorer.score(candidates, windows, lengths[stage])
+
+    def on_generation(s: EvolutionState) -> None:
+        bar.update(1)
+        bar.set_postfix(best=f"{s.parent_score:.4f}")
+        if state_dir is not None:
+            _save_state(Path(state_dir), s)
+
+    try:
+        return evolve(state, fitness, groups, grid, offspring=config.search.offspring, stages=stages, budget=budget,
+                      seed=config.seed, max_flips=config.search.max_flips,
+                      windows_for=lambda rng, n: sorted(rng.sample(range(heldout_windows), n)),
+                      on_generation=on_generation)
+    finally:
+        bar.close()
+
+
+def _save_state(directory: Path, state: EvolutionState) -> None:
+    path = directory / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state.to_dict()))
+    tmp.replace(path)
+
+
+def _load_state(directory: Optional[Path]) -> Optional[EvolutionState]:
+    if directory is None or not (Path(directory) / STATE_FILE).is_file():
+        return None
+    return EvolutionState.from_dict(json.loads((Path(directory) / STATE_FILE).read_text()))

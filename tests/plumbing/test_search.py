@@ -1,0 +1,143 @@
+"""The searched allocation on tiny models: a planted fragile block it must protect, a held-out loss
+below uniform's and every warm start's, the exact budget, determinism, resume after a kill, and
+the calibration split it is confined to."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alsparse import search, strength
+from alsparse.api import prune_
+from alsparse.checkpoint import BlockCheckpoints
+from alsparse.config import PruneConfig, SearchOptions
+from alsparse.models import decoder_blocks, find_linears
+
+from conftest import confident_llama, sample_from
+
+FRAGILE = 1
+
+
+def _planted(block: int = FRAGILE, windows: int = 32):
+    """A tiny llama (3 blocks) where only ``block`` is fragile: its weights all have one magnitude,
+    so any pruning removes signal, while 3/4 of every other block's weights are ~0 (pruning up to
+    75% of them costs nothing). Windows are sampled from the model itself (confident predictions)."""
+    model = confident_llama()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for i, b in enumerate(decoder_blocks(model)):
+            for ref in find_linears(b):
+                w = ref.module.weight
+                if i == block:
+                    w.copy_(w.sign() * w.abs().mean())
+                else:
+                    tiny = torch.rand(w.shape, generator=g) < 0.75
+                    w.masked_fill_(tiny, 0).add_(tiny * 1e-4)
+    return model, sample_from(model, windows, g)
+
+
+def _config(method="wanda", budget=300, **search):
+    options = dict(budget=budget, stages=((3, 2, None), (1, 8, None)), offspring=8)
+    options.update(search)
+    return PruneConfig(method=method, sparsity=0.6, allocation="search", compute_dtype="float32",
+                       search=SearchOptions(**options))
+
+
+def _record(report):
+    return report.to_dict()["allocation"]["diagnostics"]["search"]
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
+def test_the_search_protects_the_fragile_block_and_beats_every_warm_start(method):
+    model, ids = _planted()
+    report = prune_(model, ids, _config(method, budget=600))
+    record = _record(report)
+    warm = {w["name"]: w["fitness"] for w in record["warm_starts"]}
+    assert {"uniform", "owl"} <= set(warm) and any(n.startswith("als(") for n in warm)
+    assert any(n.startswith("atp(") for n in warm)
+    assert record["final_fitness"] < min(warm.values()), "no better than its best warm start"
+    assert record["final_fitness"] < warm["uniform"]
+    offsets = record["offsets"]
+    assert offsets[FRAGILE] < 0 and offsets[FRAGILE] == min(offsets), "the fragile block is not protected"
+    assert sum(offsets) == 0
+    assert abs(report.achieved_sparsity - 0.6) < 1e-4
+    trace = [t["parent"] for t in record["trace"]]
+    assert trace == sorted(trace, reverse=True) and record["generations"] == len(trace) > 0
+
+
+def test_same_seed_same_masks_and_the_trace_is_reported(tmp_path):
+    a = prune_(_planted()[0], _planted()[1], _config())
+    b = prune_(_planted()[0], _planted()[1], _config())
+    assert [r.mask_sha256 for r in a.linears] == [r.mask_sha256 for r in b.linears]
+    assert _record(a)["trace"] == _record(b)["trace"] and _record(a)["offsets"] == _record(b)["offsets"]
+    other = prune_(_planted()[0], _planted()[1], _config(budget=0))
+    assert _record(other)["generations"] == 0 and _record(other)["start"] == _record(a)["start"]
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_search_killed_mid_way_resumes_to_the_uninterrupted_allocation(tmp_path, monkeypatch):
+    model, ids = _planted()
+    whole = _record(prune_(model, ids, _config()))
+    saves = {"n": 0}
+    real_save = search._save_state
+
+    def killing_save(directory, state):
+        real_save(directory, state)
+        saves["n"] += 1
+        if saves["n"] == 3:
+            raise _Killed
+
+    monkeypatch.setattr(search, "_save_state", killing_save)
+    model, ids = _planted()
+    with pytest.raises(_Killed):
+        prune_(model, ids, _config(), checkpoint=BlockCheckpoints(tmp_path / "ckpt"))
+    assert (tmp_path / "ckpt" / search.STATE_FILE).is_file()
+    monkeypatch.setattr(search, "_save_state", real_save)
+    model, ids = _planted()
+    resumed = _record(prune_(model, ids, _config(), checkpoint=BlockCheckpoints(tmp_path / "ckpt"), resume=True))
+    assert resumed["offsets"] == whole["offsets"] and resumed["trace"] == whole["trace"]
+
+
+def test_the_fitness_reads_only_the_held_out_calibration_windows(monkeypatch):
+    model, ids = _planted()
+    _, heldout = strength.split(ids)
+    seen = []
+    real = search.Scorer._fitness
+
+    def spy(self, windows, length):
+        assert torch.equal(self.heldout, heldout), "scored on something other than the held-out calibration"
+        seen.append(tuple(windows))
+        return real(self, windows, length)
+
+    monkeypatch.setattr(search.Scorer, "_fitness", spy)
+    prune_(model, ids, _config(budget=60))
+    assert seen and all(max(w) < heldout.shape[0] for w in seen)
+
+
+def test_kl_fitness_runs_and_scores_the_dense_model_zero(tmp_path):
+    model, ids = _planted()
+    config = _config(fitness="kl")
+    fit, heldout = strength.split(ids)
+    from alsparse.allocation.evolution import LevelGrid
+
+    grid = LevelGrid(0.6, 0.05, 0.2)
+    db = search.build_database(model, fit, config, grid, torch.device("cpu"), tmp_path / "db")
+    scorer = search.Scorer(model, heldout, db, config, torch.device("cpu"), tmp_path)
+    assert scorer._fitness([0, 1], ids.shape[1]) == pytest.approx(0.0, abs=1e-2)  # bf16 log-probs of itself
+    assert scorer.score([[0, 0, 0]], [0, 1], ids.shape[1])[0] > 0.01
+    scorer.restore()
+    report = prune_(model, ids, _config(fitness="kl", budget=60))
+    assert _record(report)["fitness"] == "kl"
+
+
+def test_unsupported_settings_are_refused_before_any_work():
+    model, ids = _planted()
+    with pytest.raises(ValueError, match="unstructured"):
+        prune_(model, ids, PruneConfig(method="wanda", pattern="2:4", allocation="search"))
+    with pytest.raises(ValueError, match="uniform"):
+        SearchOptions(warm_start=("als",))
+    with pytest.raises(ValueError, match="step"):
+        SearchOptions(step=0.5, span=0.2)

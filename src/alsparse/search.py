@@ -30,12 +30,11 @@ import hashlib
 import json
 import logging
 import math
-import random
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -107,7 +106,7 @@ class LevelDatabase:
     def path(self, block: int, offset: int) -> Path:
         return self.dir / f"block-{block:05d}-level-{offset:+04d}.pt"
 
-    def put(self, block: int, offset: int, dense: dict[str, torch.Tensor], pruned: dict[str, torch.Tensor]) -> None:
+    def put(self, block: int, offset: int, pruned: dict[str, torch.Tensor]) -> None:
         if self.masks:
             payload = {name: _pack(pruned[name] == 0) for name in pruned}
         else:
@@ -192,7 +191,7 @@ def build_database(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGri
                         continue
                     pruned[ref.name] = pruner.prune(ref.weight_oi, stats.get(ref.name), sparsity, Pattern(),
                                                     blocksize=config.sparsegpt_blocksize, damp=config.sparsegpt_damp)
-                db.put(step.index, offset, dense, pruned)
+                db.put(step.index, offset, pruned)
             for st in stats.values():
                 st.forget_derived()
     marker.write_text(json.dumps({"key": key, "levels": offsets}))
@@ -207,11 +206,9 @@ class Scorer:
         from .models import decoder_blocks, find_linears
 
         self.model, self.heldout, self.db, self.config, self.device = model, heldout, db, config, device
-        self.blocks = decoder_blocks(model)
-        self.refs = [find_linears(block) for block in self.blocks]
+        self.refs = [find_linears(block) for block in decoder_blocks(model)]
         self.dense = [{ref.name: ref.weight_oi.detach().clone() for ref in refs} for refs in self.refs]
-        self.current: list[Optional[int]] = [None] * len(self.blocks)  # None: dense
-        self.forwards = 0
+        self.current: list[Optional[int]] = [None] * len(self.refs)  # None: dense
         self.dense_logprobs = None
         if config.search.fitness == "kl":
             self.dense_logprobs = self._dense_logprobs(directory / "dense_logprobs.bf16")
@@ -240,20 +237,19 @@ class Scorer:
         return out
 
     def _fitness(self, windows: list[int], length: int) -> float:
-        from .strength import _finite
+        from .strength import _finite, _nll_sum
 
         total, count = 0.0, 0
         with torch.no_grad():
             for w in windows:
                 ids = self.heldout[w : w + 1, :length].to(self.device)
                 with compute.lowered(self.device):
-                    logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()  # [T-1, V]
-                self.forwards += 1
+                    logits = self.model(input_ids=ids, use_cache=False).logits[0].float()  # [T, V]
                 if self.dense_logprobs is None:
-                    total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+                    total += float(_nll_sum(logits[None], ids))
                 else:
                     ref = self.dense_logprobs[w, : length - 1].to(self.device, torch.float32)  # [T-1, V]
-                    logq = torch.log_softmax(logits, dim=-1)
+                    logq = torch.log_softmax(logits[:-1], dim=-1)
                     total += float((ref.exp() * (ref - logq)).sum())
                 count += length - 1
         return _finite(total / count)

@@ -180,9 +180,10 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
                         "(default: 12 per calibration window)")
     g.add_argument("--search-fitness", default="loss", choices=("loss", "kl"),
                    help="loss: next-token NLL (default) | kl: KL divergence from the dense model")
-    g.add_argument("--search-step", type=float, default=0.05, help="sparsity between two levels (default 0.05)")
+    g.add_argument("--search-step", type=float, default=0.05,
+                   help="sparsity between two levels (default 0.05; with --pattern N:M the levels are (N+j):M)")
     g.add_argument("--search-span", type=float, default=0.2,
-                   help="levels stay within target +- span (default 0.2)")
+                   help="levels stay within target +- span (default 0.2; N:M: at least one step, 1/M)")
     g.add_argument("--search-offspring", type=int, default=16, help="children per generation (default 16)")
 
 

@@ -15,7 +15,10 @@ scored on held-out calibration windows, never on evaluation text.
    levels into the blocks that differ from the last candidate, then one ordinary forward over the
    held-out windows. Fitness: mean next-token NLL (``loss``) or KL from the dense model's
    next-token distribution (``kl``; the dense log-probabilities are kept on disk, bf16).
-4. The dense weights are put back; the engine then prunes the model sequentially with the found
+4. **Confirmation.** Each generation scores on a sample of the held-out windows; the evolved
+   allocation and its start are then scored on all of them and the better is kept (the report's
+   ``confirm``), so the result is never worse than the best warm start on the held-out set.
+5. The dense weights are put back; the engine then prunes the model sequentially with the found
    per-block ratios (exact achieved sparsity as for every allocator).
 
 With a checkpoint directory the state is saved after every generation and ``--resume`` continues
@@ -86,13 +89,31 @@ def check_config(config: PruneConfig, model) -> None:
     from .models import decoder_blocks
     from . import distributed
 
-    if config.parsed_pattern.is_nm:
-        raise ValueError("allocation 'search' supports unstructured sparsity only (N:M mixes are not searched yet)")
     if distributed.world_size() > 1:
         raise ValueError("allocation 'search' runs in one process (not under torchrun) for now")
     blocks = decoder_blocks(model)
     if blocks and lazy_block(blocks[0]) is not None:
         raise ValueError("allocation 'search' needs the model in memory (not streamed from disk) for now")
+
+
+def level_grid(config: PruneConfig) -> LevelGrid:
+    """The levels searched. Unstructured: ``target + j * step`` within ``target +- span``. N:M: the
+    mixed patterns ``(N + j):M`` (step 1/M; the span is at least one step, and no level reaches M:M),
+    so every candidate is a per-block N mix whose size-weighted mean is N/M exactly."""
+    opts, pattern = config.search, config.parsed_pattern
+    if not pattern.is_nm:
+        return LevelGrid(float(config.sparsity), opts.step, opts.span)
+    step = 1.0 / pattern.m
+    return LevelGrid(pattern.n / pattern.m, step, max(opts.span, step), max_sparsity=(pattern.m - 1) / pattern.m)
+
+
+def level_pattern(config: PruneConfig, grid: LevelGrid, offset: int) -> tuple[float, Pattern]:
+    """(sparsity, pattern) of one level: unstructured, or (N + j):M (0:M: left dense)."""
+    sparsity, pattern = grid.sparsity(offset), config.parsed_pattern
+    if not pattern.is_nm:
+        return sparsity, Pattern()
+    n = pattern.n + offset
+    return n / pattern.m, (Pattern(n, pattern.m) if n > 0 else Pattern())
 
 
 class LevelDatabase:
@@ -146,7 +167,7 @@ def _db_fingerprint(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGr
     from .data.calibration import fingerprint
 
     text = json.dumps({"model": model_fingerprint(model), "fit": fingerprint(fit), "method": config.method,
-                       "grid": dataclasses.asdict(grid), "damp": config.sparsegpt_damp,
+                       "grid": dataclasses.asdict(grid), "pattern": str(config.parsed_pattern), "damp": config.sparsegpt_damp,
                        "blocksize": config.sparsegpt_blocksize, "compute": compute.name(compute.active())},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -183,13 +204,13 @@ def build_database(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGri
                 stats = record_input_stats(step, pruner.needs_norms, pruner.needs_hessian, keep_outputs=True)
             dense = {ref.name: ref.weight_oi.detach() for ref in step.linears}
             for offset in offsets:
-                sparsity = grid.sparsity(offset)
+                sparsity, pattern = level_pattern(config, grid, offset)
                 pruned = {}
                 for ref in step.linears:
                     if sparsity <= 0:
                         pruned[ref.name] = dense[ref.name]
                         continue
-                    pruned[ref.name] = pruner.prune(ref.weight_oi, stats.get(ref.name), sparsity, Pattern(),
+                    pruned[ref.name] = pruner.prune(ref.weight_oi, stats.get(ref.name), sparsity, pattern,
                                                     blocksize=config.sparsegpt_blocksize, damp=config.sparsegpt_damp)
                 db.put(step.index, offset, pruned)
             for st in stats.values():
@@ -319,7 +340,7 @@ def run(model, calibration: torch.Tensor, config: PruneConfig, data: dict, devic
     seq_len = int(calibration.shape[1])
     stages, lengths = stages_of(config, seq_len, int(heldout.shape[0])), _lengths(config, seq_len)
     check_stages(opts.offspring, stages, int(heldout.shape[0]))
-    grid = LevelGrid(float(config.sparsity), opts.step, opts.span)
+    grid = level_grid(config)
     units = make_units(model, "block")
     sizes = [u.size for u in units]
     groups = size_groups(sizes)
@@ -354,14 +375,18 @@ def run(model, calibration: torch.Tensor, config: PruneConfig, data: dict, devic
                 log.info("search: resuming at generation %d (%.1f window forwards spent)", state.generation, state.forwards)
             state = _evolve(state, scorer, groups, grid, config, stages, lengths, budget, heldout.shape[0], state_dir)
             timings["evolution_s"] = round(time.perf_counter() - t0, 2)
+            t0 = time.perf_counter()
+            chosen, check = _confirm(scorer, list(warm[best][1]), list(state.parent), int(heldout.shape[0]), lengths[-1])
+            timings["confirm_s"] = round(time.perf_counter() - t0, 2)
         finally:
             scorer.restore()
-        if not is_balanced(state.parent, groups):  # cannot happen: every step keeps it
+        if not is_balanced(chosen, groups):  # cannot happen: every step keeps it
             raise RuntimeError("the searched allocation lost its exact budget")
-        sparsity = [grid.sparsity(j) for j in state.parent]
+        sparsity = [grid.sparsity(j) for j in chosen]
         record = {
             "fitness": opts.fitness,
-            "grid": {"step": opts.step, "span": opts.span, "levels": [grid.sparsity(j) for j in grid.offsets()]},
+            "grid": {"step": grid.step, "span": grid.span, "levels": [grid.sparsity(j) for j in grid.offsets()],
+                     "pattern": str(config.parsed_pattern)},
             "budget_window_forwards": budget,
             "offspring": opts.offspring,
             "stages": [{"survivors": s.survivors, "windows": s.windows, "tokens": t} for s, t in zip(stages, lengths)],
@@ -375,7 +400,8 @@ def run(model, calibration: torch.Tensor, config: PruneConfig, data: dict, devic
             "generations": state.generation,
             "window_forwards": state.forwards,
             "trace": state.trace,
-            "offsets": state.parent,
+            "confirm": check,
+            "offsets": chosen,
             "seconds": {**timings, "total_s": round(time.perf_counter() - started, 2)},
         }
         log.info("search: %d generations, fitness %.5f (start %s %.5f)", state.generation, state.parent_score,
@@ -384,6 +410,22 @@ def run(model, calibration: torch.Tensor, config: PruneConfig, data: dict, devic
     finally:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _confirm(scorer: Scorer, start: list[int], final: list[int], heldout_windows: int, length: int):
+    """The evolution's parent against its start on *every* held-out window (each generation saw only a
+    sample of them): the better of the two is the result, so it is never worse than the best warm
+    start on the whole held-out calibration set. Returns (offsets, record or None when they are equal)."""
+    if final == start:
+        return final, None
+    windows = list(range(heldout_windows))
+    start_fit, final_fit = scorer.score([start, final], windows, length)
+    kept = "final" if final_fit <= start_fit else "start"
+    if kept == "start":
+        log.warning("search: the evolved allocation (%.5f) is worse than its start (%.5f) on all %d held-out "
+                    "windows; the start is kept", final_fit, start_fit, len(windows))
+    return (final if kept == "final" else start), {"windows": len(windows), "tokens": length, "start": start_fit,
+                                                      "final": final_fit, "kept": kept}
 
 
 def _evolve(state, scorer: Scorer, groups, grid, config, stages, lengths, budget, heldout_windows, state_dir):

@@ -31,15 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from .api import prune_  # a module attribute: tests count the prunes through it
-from .config import ALSOptions, BaselineOptions, Pattern, PruneConfig
+from .config import ALSOptions, BaselineOptions, Pattern, PruneConfig, SearchOptions
 from .results import read_records
 
 log = logging.getLogger(__name__)
 
 TOP_KEYS = ("model", "dtype", "compute_dtype", "device", "batch_size", "offload", "trust_remote_code", "calibration",
             "eval", "grid", "dense", "plots_dir", "results", "pass1_cache_entries")
-ENTRY_KEYS = ("name", "methods", "allocations", "sparsities", "patterns", "als", "baselines", "calibration", "eval",
-              "allocation_file")
+ENTRY_KEYS = ("name", "methods", "allocations", "sparsities", "patterns", "als", "baselines", "search", "calibration",
+              "eval", "allocation_file")
 CALIBRATION_KEYS = ("corpus", "nsamples", "seqlen", "seeds")
 EVAL_KEYS = ("ppl", "tasks", "seq_len", "limit", "task_limit", "batch_size", "word_ppl")
 CALIBRATION_DEFAULTS = {"corpus": "wikitext2", "nsamples": 32, "seqlen": 1024, "seeds": [0]}
@@ -77,6 +77,7 @@ class Cell:
     baselines: Mapping[str, Any] = field(default_factory=dict)
     varied: Mapping[str, Any] = field(default_factory=dict)  # "als.delta": 0.1, "calibration.nsamples": 8
     compute: str = "float32"  # the compute dtype, resolved when the sweep is planned (never "auto")
+    search: Mapping[str, Any] = field(default_factory=dict)  # SearchOptions overrides (allocation "search" only)
 
     def config(self) -> dict[str, Any]:
         """The cell's configuration as recorded (and hashed): no device, no batch sizes. The compute
@@ -90,6 +91,8 @@ class Cell:
             out.update(method=p.method, allocation=p.allocation, sparsity=round(float(p.sparsity), 10),
                        pattern=p.pattern, seed=p.seed, calibration=self.calibration.key(), als=dict(self.als),
                        baselines=dict(self.baselines), allocation_file=p.allocation_file)
+            if self.search:  # named only when set, so the ids of cells recorded before the option stay
+                out["search"] = dict(self.search)
         return out
 
     def identity(self) -> dict[str, Any]:
@@ -111,7 +114,7 @@ class Cell:
         """'als', 'als (solver=qp)': the allocation with the options that differ from the defaults."""
         if self.kind == "dense":
             return "dense"
-        opts = {**self.als, **self.baselines}
+        opts = {**self.als, **self.baselines, **self.search}
         extra = ", ".join(f"{k}={v}" for k, v in opts.items())
         return f"{self.prune.allocation} ({extra})" if extra else self.prune.allocation
 
@@ -380,9 +383,14 @@ def _expand_entry(entry: Any, where: str, model: str, dtype: str, batch_size: in
         raise SweepConfigError(f"{where}: allocation 'file' needs allocation_file (a JSON/YAML mapping)")
     als_axes = _options(entry.get("als"), ALSOptions, f"{where}.als")
     base_axes = _options(entry.get("baselines"), BaselineOptions, f"{where}.baselines")
+    search_axes = _options(entry.get("search"), SearchOptions, f"{where}.search")
+    for key in ("stages", "warm_start"):
+        if key in search_axes:
+            raise SweepConfigError(f"{where}.search.{key}: not an axis a sweep varies (set it in PruneConfig)")
     calib_axes = _calibration_section(entry.get("calibration") or {}, f"{where}.calibration", calibration)
     eval_cfg = _eval_section(entry.get("eval") or {}, f"{where}.eval", eval_base)
     axes = {**{f"als.{k}": v for k, v in als_axes.items()}, **{f"baselines.{k}": v for k, v in base_axes.items()},
+            **{f"search.{k}": v for k, v in search_axes.items()},
             **{f"calibration.{k}": v for k, v in calib_axes.items() if k != "seeds"}}
     cells = []
     for seed in calib_axes["seeds"]:
@@ -406,6 +414,8 @@ def _relevant(option: str, allocation: str) -> bool:
         return True
     if group == "als":
         return allocation == "als"
+    if group == "search":
+        return allocation == "search"
     owner = BASELINE_OWNERS.get(name.split("_", 1)[0])
     return allocation == owner if owner else allocation not in ("uniform", "als", "file")
 
@@ -414,12 +424,14 @@ def _make_cell(where, name, model, dtype, batch_size, offload, eval_cfg, seed, c
                allocation, allocation_file) -> Cell:
     als = {k[4:]: v for k, v in combo.items() if k.startswith("als.")}
     base = {k[10:]: v for k, v in combo.items() if k.startswith("baselines.")}
+    search = {k[7:]: v for k, v in combo.items() if k.startswith("search.")}
     try:
         config = PruneConfig(
             method=method, allocation=allocation, pattern=str(pattern),
             sparsity=pattern.sparsity if sparsity is None else float(sparsity), seed=seed,
             allocation_file=allocation_file if allocation == "file" else None, batch_size=batch_size, offload=offload,
             als=dataclasses.replace(_IDENTITY_ALS, **als), baselines=BaselineOptions(**base),
+            search=SearchOptions(**search),
         )
     except (ValueError, TypeError) as exc:
         raise SweepConfigError(f"{where}: {exc}") from None
@@ -429,8 +441,9 @@ def _make_cell(where, name, model, dtype, batch_size, offload, eval_cfg, seed, c
     als_kept = {k: v for k, v in als.items() if _relevant(f"als.{k}", allocation) and getattr(defaults_als, k) != v}
     base_kept = {k: v for k, v in base.items()
                  if _relevant(f"baselines.{k}", allocation) and getattr(defaults_base, k) != v}
+    search_kept = {k: v for k, v in search.items() if _relevant(f"search.{k}", allocation) and getattr(SearchOptions(), k) != v}
     varied = {k: combo[k] for k, values in axes.items() if len(values) > 1 and _relevant(k, allocation)}
-    return Cell("pruned", model, dtype, eval_cfg, name, config, calib, als_kept, base_kept, varied)
+    return Cell("pruned", model, dtype, eval_cfg, name, config, calib, als_kept, base_kept, varied, search=search_kept)
 
 
 # A sweep's ALS options start from these, and a cell's identity keeps the ones that differ. The

@@ -67,7 +67,7 @@ BAD = [
     (["--method", "bogus"], "choose one of: magnitude, sparsegpt, wanda"),
     (["--allocation", "bogus"], "choose one of:"),
     (["--allocation", "search", "--search-step", "0.5"], "step and span"),
-    (["--allocation", "search", "--pattern", "2:4"], "unstructured sparsity only"),
+    (["--allocation", "search", "--search-fitness", "l2"], "--search-fitness: invalid choice: 'l2'"),
     (["--als-level", "bogus"], "als level"),
     (["--allocation", "als", "--als-bounds", "absolute"], "needs s_min and s_max"),
     (["--allocation", "als", "--als-bounds", "absolute", "--als-smin", "0.6", "--als-smax", "0.8"], "infeasible"),

@@ -74,6 +74,37 @@ def test_same_seed_same_masks_and_the_trace_is_reported(tmp_path):
     assert _record(other)["generations"] == 0 and _record(other)["start"] == _record(a)["start"]
 
 
+def test_the_evolved_allocation_is_confirmed_on_every_held_out_window(monkeypatch):
+    model, ids = _planted()
+    record = _record(prune_(model, ids, _config(stages=((3, 1, None), (1, 2, None)))))
+    confirm = record["confirm"]
+    assert confirm["windows"] == 8 and confirm["kept"] == "final" and confirm["final"] < confirm["start"]
+
+    # planted: after the evolution, the evolved allocation scores worse than its start everywhere
+    real_evolve, real_score, done = search._evolve, search.Scorer.score, {"evolved": None}
+
+    def evolve(*args, **kwargs):
+        state = real_evolve(*args, **kwargs)
+        done["evolved"] = list(state.parent)
+        return state
+
+    def score(self, candidates, windows, length):
+        out = real_score(self, candidates, windows, length)
+        if done["evolved"] is not None:
+            return [5.0 if c == done["evolved"] else 1.0 for c in candidates]
+        return out
+
+    monkeypatch.setattr(search, "_evolve", evolve)
+    monkeypatch.setattr(search.Scorer, "score", score)
+    model, ids = _planted()
+    report = prune_(model, ids, _config(stages=((3, 1, None), (1, 2, None))))
+    record = _record(report)
+    start = next(w for w in record["warm_starts"] if w["name"] == record["start"])
+    assert record["confirm"]["kept"] == "start" and record["confirm"]["final"] == 5.0
+    assert record["offsets"] != done["evolved"]
+    assert [round(s, 9) for s in report.to_dict()["allocation"]["sparsity"]] == [round(s, 9) for s in start["sparsity"]]
+
+
 class _Killed(Exception):
     pass
 
@@ -133,10 +164,30 @@ def test_kl_fitness_runs_and_scores_the_dense_model_zero(tmp_path):
     assert _record(report)["fitness"] == "kl"
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_mixed_nm_search_protects_the_fragile_block_with_the_mean_exact(method):
+    model, ids = _planted()
+    config = PruneConfig(method=method, pattern="4:8", allocation="search", compute_dtype="float32",
+                         search=SearchOptions(budget=300, stages=((3, 2, None), (1, 8, None)), offspring=8, span=0.25))
+    report = prune_(model, ids, config)
+    record, allocation = _record(report), report.to_dict()["allocation"]
+    assert record["grid"]["levels"] == pytest.approx([0.25, 0.375, 0.5, 0.625, 0.75])  # 2:8 .. 6:8
+    ns = allocation["nm"]["n"]
+    assert allocation["nm"]["m"] == 8 and sum(ns) == 4 * len(ns), ns  # the size-weighted mean is 4:8 exactly
+    assert ns == [4 + j for j in record["offsets"]]
+    warm = {w["name"]: w["fitness"] for w in record["warm_starts"]}
+    assert record["final_fitness"] <= min(warm.values()) and record["final_fitness"] < warm["uniform"]
+    if method == "wanda":  # SparseGPT's updates make N:M on this model nearly level-blind (held-out 4.365-4.40)
+        assert ns[FRAGILE] == min(ns) < 4, "the fragile block is not protected"
+    assert abs(report.achieved_sparsity - 0.5) < 1e-4
+    for linear in report.linears:  # every linear holds its block's own N:M pattern
+        block = int(linear.name.split(".")[2]) if linear.name.startswith("model.layers.") else None
+        if block is not None:
+            assert linear.pattern == f"{ns[block]}:8"
+
+
 def test_unsupported_settings_are_refused_before_any_work():
     model, ids = _planted()
-    with pytest.raises(ValueError, match="unstructured"):
-        prune_(model, ids, PruneConfig(method="wanda", pattern="2:4", allocation="search"))
     with pytest.raises(ValueError, match="uniform"):
         SearchOptions(warm_start=("als",))
     with pytest.raises(ValueError, match="step"):

@@ -220,6 +220,10 @@ BAD = [
     (lambda c: c["grid"][0].update(als={"deltaa": 0.1}), "grid[0].als: unknown option 'deltaa'; choose one of: level,"),
     (lambda c: c["grid"][0].update(als={"delta": [0.1, 1.5]}), "als delta must be in [0, 1), got 1.5"),
     (lambda c: c["grid"][0].update(baselines={"owl_lambda": "lots"}), "grid[0].baselines.owl_lambda must be a number"),
+    (lambda c: c["grid"][0].update(search={"budgett": 8}), "grid[0].search: unknown option 'budgett'; choose one of: budget,"),
+    (lambda c: c["grid"][0].update(search={"fitness": "l2"}), "search fitness 'l2'"),
+    (lambda c: c["grid"][0].update(search={"budget": "lots"}), "grid[0].search.budget must be an integer"),
+    (lambda c: c["grid"][0].update(search={"stages": [[4, 1, 256]]}), "grid[0].search.stages: not an axis a sweep varies"),
     (lambda c: c["calibration"].update(nsamples=0), "calibration.nsamples must be a positive integer, got 0"),
     (lambda c: c["calibration"].update(corpus="c4"), "calibration.corpus: 'c4' is neither a registered corpus"),
     (lambda c: c["eval"].update(tasks=["nope"]), "eval: unknown task 'nope'; choose one of:"),
@@ -322,6 +326,43 @@ def test_smollm2_grid_file_plans_the_issue_grid():
     calib_sizes = {c.calibration.nsamples for c in pruned if c.name == "calib_size"}
     assert len(calib_sizes) >= 3 and 32 in calib_sizes
     assert len({c.id for c in spec.cells}) == len(spec.cells)
+
+
+def test_search_grid_file_plans_the_issue_rows():
+    spec = sweep.load_spec(REPO / "benchmarks" / "sweeps" / "smollm2_search.yaml")
+    assert spec.compute_dtype == "bfloat16" and all(c.compute == "bfloat16" for c in spec.cells)
+    pruned = [c for c in spec.cells if c.kind == "pruned"]
+    main_grid = [c for c in pruned if c.name is None]
+    assert {(c.prune.method, c.allocator_label, c.prune.sparsity, c.prune.seed) for c in main_grid} == {
+        (m, a, s, seed) for m in ("wanda", "sparsegpt") for a in ("uniform", "search") for s in (0.5, 0.6, 0.7)
+        for seed in (0, 1)}
+    assert len(main_grid) == 24
+    for cell in pruned:
+        assert cell.eval["ppl"] == ["wikitext2", "ptb"] and cell.eval["limit"] == 40
+        assert bool(cell.eval["tasks"]) == (cell.prune.sparsity == 0.7 and cell.name is None)
+        assert not cell.search or cell.prune.allocation == "search"
+    ablations = {(c.name, c.allocator_label) for c in pruned if c.name}
+    assert ablations == {("budget", "search (budget=96)"), ("budget", "search (budget=192)"),
+                         ("budget", "search (budget=768)"), ("fitness", "search (fitness=kl)")}
+    budget_96 = next(c for c in pruned if c.search == {"budget": 96})
+    assert budget_96.prune.search.budget == 96 and budget_96.config()["search"] == {"budget": 96}
+    assert "search" not in main_grid[0].config(), "cells without search options keep the ids recorded before them"
+    assert len({c.id for c in spec.cells}) == len(spec.cells)
+
+
+def test_a_search_cell_runs_with_its_options(tiny_model_dir, tmp_path, capsys):
+    grid = [{"methods": "magnitude", "allocations": ["uniform", "search"], "sparsities": 0.5,
+             "search": {"budget": [4], "step": 0.1, "span": 0.2}}]
+    cfg = _config(tiny_model_dir, grid=grid, dense=False)
+    results = tmp_path / "results.jsonl"
+    assert main(["sweep", str(_write(tmp_path, cfg)), "--results", str(results)]) == 0
+    records = {r["label"]: r for r in _lines(results)}
+    assert set(records) == {"uniform", "search (budget=4, step=0.1)"}
+    searched = records["search (budget=4, step=0.1)"]
+    assert searched["config"]["search"] == {"budget": 4, "step": 0.1} and "search" not in records["uniform"]["config"]
+    levels = {round(s, 6) for s in searched["allocation"]["sparsity"]}
+    assert levels <= {0.3, 0.4, 0.5, 0.6, 0.7}, levels  # on the searched grid: target +- span in steps of 0.1
+    assert abs(searched["achieved_sparsity"] - 0.5) < 1e-4
 
 
 def test_dense_cells_one_per_evaluation_unless_turned_off(tiny_model_dir):

@@ -118,3 +118,32 @@ def test_same_seed_same_result_and_a_resumed_run_equals_an_uninterrupted_one():
     _run(seed=5, budget=200, on_generation=lambda s: saved.append(s.to_dict()))
     resumed = _run(seed=5, budget=400, state=EvolutionState.from_dict(saved[-1]))
     assert resumed.parent == a.parent and resumed.trace == a.trace and resumed.forwards == a.forwards
+
+
+def test_nm_levels_are_the_mixed_patterns_and_a_searched_mix_maps_back_exactly():
+    import torch
+
+    from alsparse.allocation.nm import mixed_nm
+    from alsparse.config import Pattern, PruneConfig, SearchOptions
+    from alsparse.search import level_grid, level_pattern
+
+    config = PruneConfig(pattern="2:4", allocation="search")
+    grid = level_grid(config)  # the default span 0.2 is below one step (0.25): one step each way
+    assert grid.offsets() == [-1, 0, 1] and [level_pattern(config, grid, j) for j in grid.offsets()] == [
+        (0.25, Pattern(1, 4)), (0.5, Pattern(2, 4)), (0.75, Pattern(3, 4))]
+    wide = PruneConfig(pattern="4:8", allocation="search", search=SearchOptions(span=0.45))
+    grid = level_grid(wide)
+    assert grid.offsets() == [-3, -2, -1, 0, 1, 2, 3]  # 1:8 .. 7:8, never 8:8
+    assert level_pattern(PruneConfig(pattern="1:2", allocation="search"), level_grid(
+        PruneConfig(pattern="1:2", allocation="search")), -1) == (0.0, Pattern())  # 0:2 is dense
+    unstructured = level_grid(PruneConfig(sparsity=0.6, allocation="search"))
+    assert (unstructured.step, unstructured.span, unstructured.target) == (0.05, 0.2, 0.6)
+    # a searched mix (N_i / M exactly, mean N/M) comes back from the N:M allocation as the same N_i
+    ns = [3, 5, 4, 4, 2, 6, 4, 4]
+    sparsity = torch.tensor([n / 8 for n in ns], dtype=torch.float64) * 1.0
+    counts, achieved = mixed_nm(sparsity, torch.ones(8), target_n=4, m=8)
+    assert counts.tolist() == ns and achieved == pytest.approx(0.5)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # also when the ratios carry float error from arithmetic
+        noisy = sparsity + torch.empty(8, dtype=torch.float64).uniform_(-1e-12, 1e-12, generator=g)
+        assert mixed_nm(noisy, torch.ones(8), target_n=4, m=8)[0].tolist() == ns

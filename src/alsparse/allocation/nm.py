@@ -22,7 +22,8 @@ def mixed_nm(s, sizes, target_n: int, m: int) -> tuple[torch.Tensor, float]:
     sizes = as_sizes(sizes, sparsity.numel())
     weights = sizes / sizes.sum()  # [L]
     ideal = m * sparsity + (target_n - m * float(torch.sum(weights * sparsity)))  # [L]
-    counts = ideal.floor().clamp(0, m - 1)
+    # an ideal count within float error of an integer is that integer (a searched mix is exact N_i / M)
+    counts = torch.where((ideal - ideal.round()).abs() < 1e-9, ideal.round(), ideal.floor()).clamp(0, m - 1)
     remainder = (ideal - counts).numpy()
     residual = target_n - float(torch.sum(weights * counts))  # in units of zeros per m
     direction = 1.0 if residual > 0 else -1.0

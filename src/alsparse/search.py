@@ -62,6 +62,12 @@ MASK_PRUNERS = ("magnitude", "wanda")  # their pruned weight is the dense weight
 STATE_FILE = "search_state.json"
 DB_DIR = "search_db"
 CACHE_BYTES = 256 << 20  # levels read back from disk kept in memory (masks are 1/32 of fp32 weights)
+PREFIX_BYTES = 2 << 30  # block outputs kept for the prefix reuse (Scorer); beyond, whole forwards
+
+
+def _first_difference(a, b) -> int:
+    """The first index where two allocations differ (their length when equal)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
 
 
 def default_budget(calibration_windows: int) -> int:
@@ -220,16 +226,31 @@ def build_database(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGri
 
 
 class Scorer:
-    """Assembles candidates in the model (only the blocks that change) and scores them."""
+    """Assembles candidates in the model (only the blocks that change) and scores them.
+
+    **Prefix reuse.** A child differs from its parent in a few blocks; every block before the first
+    one that differs sees exactly the inputs it saw under the parent. With ``anchor`` set (the
+    evolution sets it to the parent), the scorer keeps the anchor's block outputs per (window,
+    length) and runs a candidate from its first differing block on, the earlier blocks answering
+    with the kept outputs. Same inputs, same weights, same kernels: the fitness is bit-identical to
+    a whole forward. The best candidate of each call is kept too, so an accepted child needs no
+    extra forward to become the next anchor. Off when the kept outputs would exceed ``PREFIX_BYTES``.
+    """
 
     def __init__(self, model, heldout: torch.Tensor, db: LevelDatabase, config: PruneConfig, device,
                  directory: Path) -> None:
         from .models import decoder_blocks, find_linears
 
         self.model, self.heldout, self.db, self.config, self.device = model, heldout, db, config, device
-        self.refs = [find_linears(block) for block in decoder_blocks(model)]
+        self.blocks = decoder_blocks(model)
+        self.refs = [find_linears(block) for block in self.blocks]
         self.dense = [{ref.name: ref.weight_oi.detach().clone() for ref in refs} for refs in self.refs]
         self.current: list[Optional[int]] = [None] * len(self.refs)  # None: dense
+        self.anchor: Optional[list[int]] = None
+        self._kept: dict[tuple[int, int], tuple[tuple, list]] = {}  # (window, length) -> (offsets, outputs)
+        self._best: dict[tuple[int, int], tuple[tuple, list]] = {}  # the previous call's best candidate
+        # block forwards computed (anchor forwards included) and asked for (candidates x windows x blocks)
+        self.blocks_run = self.blocks_asked = 0
         self.dense_logprobs = None
         if config.search.fitness == "kl":
             self.dense_logprobs = self._dense_logprobs(directory / "dense_logprobs.bf16")
@@ -251,21 +272,70 @@ class Scorer:
                 self.current[b] = None
 
     def score(self, candidates: list[list[int]], windows: list[int], length: int) -> list[float]:
-        out = []
+        reuse = self.anchor is not None and self._fits(len(windows), length)
+        if reuse:
+            self._prepare(tuple(self.anchor), windows, length)
+        out, best = [], None
+        self.blocks_asked += len(candidates) * len(windows) * len(self.blocks)
         for candidate in candidates:
             self.load(candidate)
-            out.append(self._fitness(windows, length))
+            if not reuse:
+                out.append(self._fitness(windows, length))
+                continue
+            kept = [self._kept[(w, length)] for w in windows]
+            recorded: list[list] = []
+            out.append(self._fitness(windows, length, prefixes=[k[1] for k in kept],
+                                     starts=[_first_difference(k[0], candidate) for k in kept], recorded=recorded))
+            if best is None or out[-1] < best[0]:
+                best = (out[-1], tuple(candidate), recorded)
+        self._best = {} if best is None else {(w, length): (best[1], r) for w, r in zip(windows, best[2])}
         return out
 
-    def _fitness(self, windows: list[int], length: int) -> float:
+    def forget_prefixes(self) -> None:
+        """No anchor any more; the kept block outputs are released."""
+        self.anchor, self._kept, self._best = None, {}, {}
+
+    def _fits(self, windows: int, length: int) -> bool:
+        """Whether what is kept plus three allocations' block outputs on these windows (the anchor's,
+        the candidate's, the best's) stay within PREFIX_BYTES."""
+        width = self.model.get_input_embeddings().weight.shape[1]
+        kept = sum(h.nbytes for _, outputs in self._kept.values() for h, _ in outputs)
+        return kept + 3 * windows * len(self.blocks) * length * width * 4 <= PREFIX_BYTES
+
+    def _prepare(self, anchor: tuple, windows: list[int], length: int) -> None:
+        """Keep the anchor's block outputs on these windows: from the last call's best, from an earlier
+        call, or by one forward of the anchor; what belongs to another allocation is dropped."""
+        self._kept = {k: v for k, v in self._kept.items() if v[0] == anchor}
+        for key, value in self._best.items():
+            if value[0] == anchor and key not in self._kept:
+                self._kept[key] = value
+        self._best = {}
+        missing = [w for w in windows if (w, length) not in self._kept]
+        if missing:
+            self.load(list(anchor))
+            recorded: list[list] = []
+            self._fitness(missing, length, prefixes=[None] * len(missing), starts=[0] * len(missing),
+                          recorded=recorded)
+            for w, r in zip(missing, recorded):
+                self._kept[(w, length)] = (anchor, r)
+
+    def _fitness(self, windows: list[int], length: int, prefixes=None, starts=None, recorded=None) -> float:
+        """Mean next-token NLL (or KL to the dense model) on the windows' first ``length`` tokens. With
+        ``prefixes``/``starts``, window i runs from block ``starts[i]`` on (the earlier blocks answer with
+        ``prefixes[i]``, the kept outputs); every block's output is appended to ``recorded``."""
         from .strength import _finite, _nll_sum
 
         total, count = 0.0, 0
         with torch.no_grad():
-            for w in windows:
+            for i, w in enumerate(windows):
                 ids = self.heldout[w : w + 1, :length].to(self.device)
-                with compute.lowered(self.device):
-                    logits = self.model(input_ids=ids, use_cache=False).logits[0].float()  # [T, V]
+                with contextlib.ExitStack() as stack:
+                    if recorded is not None:
+                        recorded.append(stack.enter_context(self._replayed(prefixes[i], starts[i])))
+                    else:
+                        self.blocks_run += len(self.blocks)
+                    with compute.lowered(self.device):
+                        logits = self.model(input_ids=ids, use_cache=False).logits[0].float()  # [T, V]
                 if self.dense_logprobs is None:
                     total += float(_nll_sum(logits[None], ids))
                 else:
@@ -274,6 +344,48 @@ class Scorer:
                     total += float((ref.exp() * (ref - logq)).sum())
                 count += length - 1
         return _finite(total / count)
+
+    @contextlib.contextmanager
+    def _replayed(self, prefix: Optional[list], start: int):
+        """Blocks before ``start`` return ``prefix``'s outputs instead of running; every block's output
+        is collected (a clone) into the list this yields."""
+        outputs: list = [None] * len(self.blocks)
+        saved = {}
+
+        def keep(b):
+            def hook(module, args, output):
+                if b < start:  # replayed: the kept output itself
+                    outputs[b] = prefix[b]
+                    return
+                hidden = output[0] if isinstance(output, (tuple, list)) else output
+                outputs[b] = (hidden.detach().clone(), len(output) if isinstance(output, tuple) else None)
+            return hook
+
+        def replay(b):
+            hidden, arity = prefix[b]
+
+            def forward(*args, **kwargs):
+                out = hidden.clone() if b == start - 1 else hidden  # the first real block gets its own copy
+                return out if arity is None else (out,) + (None,) * (arity - 1)
+            return forward
+
+        handles = []
+        try:
+            for b, block in enumerate(self.blocks):
+                if b < start:
+                    saved[b] = block.__dict__.get("forward")
+                    block.forward = replay(b)
+                handles.append(block.register_forward_hook(keep(b)))
+            self.blocks_run += len(self.blocks) - start
+            yield outputs
+        finally:
+            for handle in handles:
+                handle.remove()
+            for b, previous in saved.items():
+                if previous is None:
+                    del self.blocks[b].forward
+                else:
+                    self.blocks[b].forward = previous
 
     def _dense_logprobs(self, path: Path) -> torch.Tensor:
         """The dense model's next-token log-probabilities on every held-out window, bf16 on disk."""
@@ -373,8 +485,10 @@ def run(model, calibration: torch.Tensor, config: PruneConfig, data: dict, devic
                 state = EvolutionState(list(warm[best][1]), warm_scores[best])
             else:
                 log.info("search: resuming at generation %d (%.1f window forwards spent)", state.generation, state.forwards)
+            t0, blocks_before = time.perf_counter(), (scorer.blocks_run, scorer.blocks_asked)
             state = _evolve(state, scorer, groups, grid, config, stages, lengths, budget, heldout.shape[0], state_dir)
             timings["evolution_s"] = round(time.perf_counter() - t0, 2)
+            evolution_blocks = (scorer.blocks_run - blocks_before[0], scorer.blocks_asked - blocks_before[1])
             t0 = time.perf_counter()
             chosen, check = _confirm(scorer, list(warm[best][1]), list(state.parent), int(heldout.shape[0]), lengths[-1])
             timings["confirm_s"] = round(time.perf_counter() - t0, 2)
@@ -399,6 +513,8 @@ def run(model, calibration: torch.Tensor, config: PruneConfig, data: dict, devic
             "final_fitness": state.parent_score,
             "generations": state.generation,
             "window_forwards": state.forwards,
+            # blocks the evolution ran against what whole forwards of its candidates would have (prefix reuse)
+            "evolution_block_fraction": round(evolution_blocks[0] / max(1, evolution_blocks[1]), 4),
             "trace": state.trace,
             "confirm": check,
             "offsets": chosen,
@@ -435,6 +551,7 @@ def _evolve(state, scorer: Scorer, groups, grid, config, stages, lengths, budget
     total = int(budget // per_generation) if per_generation else 0
     bar = tqdm(total=total, initial=min(state.generation, total), desc="search", unit="gen", leave=False)
     def fitness(candidates, windows, stage):
+        scorer.anchor = list(state.parent)  # the children differ from it in a few blocks: reuse its prefix
         return scorer.score(candidates, windows, lengths[stage])
 
     def on_generation(s: EvolutionState) -> None:
@@ -450,6 +567,7 @@ def _evolve(state, scorer: Scorer, groups, grid, config, stages, lengths, budget
                       on_generation=on_generation)
     finally:
         bar.close()
+        scorer.forget_prefixes()
 
 
 def _save_state(directory: Path, state: EvolutionState) -> None:

@@ -13,7 +13,7 @@ from alsparse.checkpoint import BlockCheckpoints
 from alsparse.config import PruneConfig, SearchOptions
 from alsparse.models import decoder_blocks, find_linears
 
-from conftest import confident_llama, sample_from
+from conftest import confident_llama, sample_from, tiny_config
 
 FRAGILE = 1
 
@@ -138,10 +138,10 @@ def test_the_fitness_reads_only_the_held_out_calibration_windows(monkeypatch):
     seen = []
     real = search.Scorer._fitness
 
-    def spy(self, windows, length):
+    def spy(self, windows, length, **kwargs):
         assert torch.equal(self.heldout, heldout), "scored on something other than the held-out calibration"
         seen.append(tuple(windows))
-        return real(self, windows, length)
+        return real(self, windows, length, **kwargs)
 
     monkeypatch.setattr(search.Scorer, "_fitness", spy)
     prune_(model, ids, _config(budget=60))
@@ -192,3 +192,46 @@ def test_unsupported_settings_are_refused_before_any_work():
         SearchOptions(warm_start=("als",))
     with pytest.raises(ValueError, match="step"):
         SearchOptions(step=0.5, span=0.2)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_prefix_reuse_scores_bit_identically_to_whole_forwards_and_runs_fewer_blocks(tmp_path, method):
+    """The scorer with an anchor runs each child from its first block that differs from the anchor;
+    the fitness must equal a whole forward's to the last bit, on every window and length, also when
+    the anchor moves to the previous call's best (an accepted child)."""
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    from alsparse.allocation.evolution import LevelGrid, mutate, size_groups
+
+    torch.manual_seed(0)
+    cfg = tiny_config("llama")
+    cfg.num_hidden_layers = 8
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    ids = sample_from(model, 16, torch.Generator().manual_seed(1))
+    config = _config(method=method)
+    fit, heldout = strength.split(ids)
+    grid = LevelGrid(0.6, 0.05, 0.2)
+    db = search.build_database(model, fit, config, grid, torch.device("cpu"), tmp_path / "db")
+    plain = search.Scorer(model, heldout, db, config, torch.device("cpu"), tmp_path)
+    groups, rng = size_groups([1] * 8), random.Random(0)
+    parent, calls, whole = [0] * 8, [], []
+    for generation in range(8):
+        children = [mutate(parent, rng, groups, grid, 1) for _ in range(5)]
+        for windows, length in (([generation % 4], 8), ([0, 1], ids.shape[1])):
+            calls.append((parent, children, windows, length))
+            whole.append(plain.score(children, windows, length))
+        parent = children[min(range(5), key=lambda i: whole[-1][i])]  # accepted: the best child
+    plain.restore()
+    reusing = search.Scorer(model, heldout, db, config, torch.device("cpu"), tmp_path)
+    reused = []
+    for anchor, children, windows, length in calls:
+        reusing.anchor = list(anchor)
+        reused.append(reusing.score(children, windows, length))
+    reusing.restore()
+    assert reused == whole  # exact equality, not approx
+    assert reusing.blocks_asked == plain.blocks_asked == plain.blocks_run
+    assert reusing.blocks_run < 0.9 * plain.blocks_run
+    reusing.forget_prefixes()
+    assert reusing.anchor is None and not reusing._kept

@@ -84,7 +84,28 @@ def prune_(
 
 def _prune(model, calibration, config, calibration_info, pass1_cache, checkpoint, resume, on_block, pruner, device,
            needs, given=None) -> PruneReport:
+    hunting = config.allocation == "search" and given is None
+    assembled = hunting and config.search.final == "assembled"
+    scratch = None  # the search's level database outlives the search when the model is assembled from it
+    if hunting and checkpoint is None and assembled:
+        import tempfile
+        from pathlib import Path
+
+        scratch = Path(tempfile.mkdtemp(prefix="alsparse-search-"))
+    try:
+        return _prune_in(model, calibration, config, calibration_info, pass1_cache, checkpoint, resume, on_block,
+                         pruner, device, needs, given, hunting, assembled, scratch)
+    finally:
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _prune_in(model, calibration, config, calibration_info, pass1_cache, checkpoint, resume, on_block, pruner, device,
+              needs, given, hunting, assembled, scratch) -> PruneReport:
     timer = StageTimer()
+    search_dir = checkpoint.dir if checkpoint is not None else scratch
     saved, intact = None, 0
     if checkpoint is not None:
         checkpoint.writer = distributed.is_main()  # every process reads checkpoints; one writes them
@@ -99,7 +120,7 @@ def _prune(model, calibration, config, calibration_info, pass1_cache, checkpoint
         from .strength import with_saved
 
         config = with_saved(config, allocation.diagnostics)
-        if pruner.needs_calibration:
+        if pruner.needs_calibration and not assembled:
             with timer("capture"):
                 acts = _capture(model, calibration, device, config)
     elif given is not None:
@@ -111,11 +132,22 @@ def _prune(model, calibration, config, calibration_info, pass1_cache, checkpoint
                 acts = _capture(model, calibration, device, config)
     else:
         config, acts, allocation = _allocate(model, calibration, config, pruner, needs, device, timer, pass1_cache,
-                                             checkpoint)
+                                             search_dir)
         if checkpoint is not None:
             checkpoint.save_allocation(allocation.state())
     with timer("prune"):
-        records = _prune_blocks(model, acts, pruner, allocation, config, device, checkpoint, intact, on_block)
+        if assembled:
+            records = _assemble_blocks(model, calibration, allocation, config, device, checkpoint, intact, on_block,
+                                       search_dir)
+        else:
+            records = _prune_blocks(model, acts, pruner, allocation, config, device, checkpoint, intact, on_block)
+    if hunting and "search" in allocation.diagnostics:
+        from .strength import heldout_loss, split
+
+        # the final model on the search's held-out windows, whichever way it was made (a sequential
+        # prune's statistics include these windows: the figure is biased in its favour)
+        with timer("heldout"):
+            allocation.diagnostics["search"]["final_heldout_nll"] = heldout_loss(model, split(calibration)[1], 1)
     resumed_from = intact if saved is not None else None
     report = _make_report(model, config, allocation, records, timer, device, calibration, calibration_info)
     report.resumed_from_block = resumed_from
@@ -123,9 +155,11 @@ def _prune(model, calibration, config, calibration_info, pass1_cache, checkpoint
     return report
 
 
-def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_cache, checkpoint=None):
+def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_cache, search_dir=None):
     """The capture, pass 1 (or its cached result), the strength search the config leaves open
-    (ATP's beta, graded ALS's strength) or the searched allocation, and the allocator."""
+    (ATP's beta, graded ALS's strength) or the searched allocation, and the allocator.
+    ``search_dir``: where the searched allocation keeps its state and level database (None: a
+    temporary directory of its own)."""
     hunting = config.allocation == "search"
     searching = hunting or _searches(model, config)
     # the search's held-out windows stay out of the importance too
@@ -154,15 +188,14 @@ def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_ca
             from .search import run as run_search
 
             with timer("search"):
-                found, search = run_search(model, calibration, config, data, device,
-                                           state_dir=checkpoint.dir if checkpoint is not None else None)
+                found, search = run_search(model, calibration, config, data, device, state_dir=search_dir)
             data = {**data, "search": found}
         else:
             from .strength import select
 
             with timer("strength_search"):
                 config, search = select(model, calibration, config, data, device)
-        if pruner.needs_calibration:
+        if pruner.needs_calibration and not (hunting and config.search.final == "assembled"):
             restore_resident(model)  # from disk: the search released the embeddings again
             with timer("capture"):
                 acts = _capture(model, calibration, device, config)
@@ -240,6 +273,35 @@ def _prune_blocks(model, acts, pruner, allocation, config, device, checkpoint, i
             params = dict(step.block.named_parameters())
             checkpoint.save_block(step.index, {full: params[name] for name, full in names.items()})
         if on_block is not None:
+            on_block(step.index, num_blocks)
+    return records
+
+
+def _assemble_blocks(model, calibration, allocation, config, device, checkpoint, intact: int, on_block, search_dir):
+    """The searched allocation's final model taken from its level database: every block gets its
+    chosen level's stored weights (the model the search scored; no calibration pass). Blocks below
+    ``intact`` (resuming) come from the checkpoints. Returns the per-linear records."""
+    from .search import DB_DIR, assemble_block, open_database, top_up_zeros
+    from .strength import split
+
+    db = open_database(model, split(calibration)[0], config, search_dir / DB_DIR)
+    offsets = allocation.diagnostics["search"]["offsets"]
+    prefix, records = block_prefix(model), []
+    num_blocks = len(decoder_blocks(model))
+    for step in _steps_without_data(model, config, device):
+        names = {name: f"{prefix}.{step.index}.{name}" for name, _ in step.block.named_parameters()}
+        if step.index < intact:
+            _restore(step, checkpoint.load_block(step.index), names)
+        else:
+            assemble_block(db, step.index, int(offsets[step.index]), step.linears)
+            for ref in step.linears:  # the exact counts: a weight more here and there (the database floors)
+                if allocation.zeros is not None:
+                    top_up_zeros(ref, allocation.zeros[f"{step.index}:{ref.name}"][0])
+            if checkpoint is not None:
+                params = dict(step.block.named_parameters())
+                checkpoint.save_block(step.index, {full: params[name] for name, full in names.items()})
+        records.extend(_records(step, allocation, prefix))
+        if on_block is not None and step.index >= intact:
             on_block(step.index, num_blocks)
     return records
 

@@ -116,7 +116,10 @@ class SearchOptions:
     of the calibration windows. ``budget``: window forwards the evolution may spend (None: 12 per
     calibration window). ``stages``: (survivors, windows, tokens per window) per selection stage;
     the last keeps one child, scored on the first windows of the held-out set (tokens None: the
-    whole window)."""
+    whole window). ``final``: how the final model is made from the found allocation: pruned again
+    block after block (``sequential``: each block's statistics from the already pruned blocks'
+    outputs, all calibration windows) or assembled from the level database (``assembled``: the
+    model the search scored, no further pass)."""
 
     budget: Optional[int] = None
     step: float = 0.05
@@ -126,6 +129,7 @@ class SearchOptions:
     max_flips: int = 3
     fitness: str = "loss"  # loss: next-token NLL | kl: KL(dense || candidate) over the vocabulary
     warm_start: tuple[str, ...] = ("uniform", "als", "owl", "atp")
+    final: str = "sequential"  # sequential | assembled
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple((int(a), int(b), None if c is None else int(c)) for a, b, c in self.stages))
@@ -137,6 +141,7 @@ class SearchOptions:
         if self.offspring < 1 or self.max_flips < 1:
             raise ValueError("search offspring and max_flips must be >= 1")
         _choice("search fitness", self.fitness, ("loss", "kl"))
+        _choice("search final", self.final, ("sequential", "assembled"))
         for name in self.warm_start:
             _choice("search warm start", name, ("uniform", "als", "owl", "atp"))
         if "uniform" not in self.warm_start:

@@ -19,7 +19,9 @@ scored on held-out calibration windows, never on evaluation text.
    allocation and its start are then scored on all of them and the better is kept (the report's
    ``confirm``), so the result is never worse than the best warm start on the held-out set.
 5. The dense weights are put back; the engine then prunes the model sequentially with the found
-   per-block ratios (exact achieved sparsity as for every allocator).
+   per-block ratios (exact achieved sparsity as for every allocator), or, with ``final="assembled"``,
+   writes each block's chosen level from the database (the model the search scored, no further
+   pass). Either way the final model's NLL on the held-out windows is reported.
 
 With a checkpoint directory the state is saved after every generation and ``--resume`` continues
 the search where it stopped (the same allocation as an uninterrupted run).
@@ -223,6 +225,44 @@ def build_database(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGri
                 st.forget_derived()
     marker.write_text(json.dumps({"key": key, "levels": offsets}))
     return db
+
+
+def open_database(model, fit: torch.Tensor, config: PruneConfig, directory: Path) -> LevelDatabase:
+    """The complete level database a search built in ``directory`` for this dense model, fit
+    windows and options (the final model is assembled from it); an error if it is missing or stale."""
+    grid = level_grid(config)
+    marker = directory / "complete.json"
+    if not marker.is_file() or json.loads(marker.read_text()).get("key") != _db_fingerprint(model, fit, config, grid):
+        raise RuntimeError(f"no complete level database for this model and calibration in {directory}: the "
+                           "searched allocation cannot be assembled (run the search again without --resume)")
+    return LevelDatabase(directory, grid, masks=config.method in MASK_PRUNERS)
+
+
+def assemble_block(db: LevelDatabase, index: int, offset: int, linears) -> None:
+    """Write block ``index``'s stored level ``offset`` into its (onloaded, dense) linears."""
+    weights = db.weights(index, offset, {ref.name: ref.weight_oi.detach() for ref in linears})
+    for ref in linears:
+        ref.write_(weights[ref.name])
+
+
+def top_up_zeros(ref, count: int) -> int:
+    """Zero the smallest-magnitude nonzero weights of ``ref`` until ``count`` of them are zero (ties:
+    lowest index first); returns how many it zeroed. The level database prunes floor(s * numel) per
+    linear; the allocation's exact counts give some linears one weight more, so that the assembled
+    model's achieved sparsity is the target, as a sequential prune's is."""
+    weight = ref.weight_oi.detach()
+    missing = count - int((weight == 0).sum())
+    if missing <= 0:
+        return 0
+    flat = weight.abs().flatten().float()
+    flat[flat == 0] = float("inf")
+    threshold = torch.topk(flat, missing, largest=False).values.max()
+    below = (flat < threshold).nonzero().flatten()
+    chosen = torch.cat([below, (flat == threshold).nonzero().flatten()[: missing - below.numel()]])
+    new = weight.flatten().clone()
+    new[chosen] = 0
+    ref.write_(new.view_as(weight))
+    return missing
 
 
 class Scorer:
@@ -491,6 +531,10 @@ def run(model, calibration: torch.Tensor, config: PruneConfig, data: dict, devic
             evolution_blocks = (scorer.blocks_run - blocks_before[0], scorer.blocks_asked - blocks_before[1])
             t0 = time.perf_counter()
             chosen, check = _confirm(scorer, list(warm[best][1]), list(state.parent), int(heldout.shape[0]), lengths[-1])
+            if check is not None:
+                assembled_nll = check[check["kept"]]
+            else:  # nothing to confirm: the chosen allocation on every held-out window, for the record
+                assembled_nll = scorer.score([chosen], list(range(int(heldout.shape[0]))), lengths[-1])[0]
             timings["confirm_s"] = round(time.perf_counter() - t0, 2)
         finally:
             scorer.restore()
@@ -518,6 +562,10 @@ def run(model, calibration: torch.Tensor, config: PruneConfig, data: dict, devic
             "trace": state.trace,
             "confirm": check,
             "offsets": chosen,
+            "final": opts.final,  # how the engine makes the final model from it (the api adds final_heldout_nll)
+            # the chosen allocation assembled from the database on every held-out window, in the fitness's unit
+            # (with the loss fitness: the assembled model's final_heldout_nll, to compare with a sequential one)
+            "assembled_heldout_fitness": assembled_nll,
             "seconds": {**timings, "total_s": round(time.perf_counter() - started, 2)},
         }
         log.info("search: %d generations, fitness %.5f (start %s %.5f)", state.generation, state.parent_score,

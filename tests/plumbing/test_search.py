@@ -235,3 +235,55 @@ def test_prefix_reuse_scores_bit_identically_to_whole_forwards_and_runs_fewer_bl
     assert reusing.blocks_run < 0.9 * plain.blocks_run
     reusing.forget_prefixes()
     assert reusing.anchor is None and not reusing._kept
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_the_assembled_final_model_is_the_model_the_search_scored(monkeypatch, method):
+    import alsparse.api as api
+
+    def no_sequential_pass(*args, **kwargs):
+        raise AssertionError("an assembled final model needs no sequential pruning pass")
+
+    model, ids = _planted()
+    monkeypatch.setattr(api, "_prune_blocks", no_sequential_pass)
+    report = prune_(model, ids, _config(method, final="assembled"))
+    record = _record(report)
+    assert record["final"] == "assembled" and record["confirm"]["kept"] == "final"
+    # the held-out NLL of the model it returns is the search's own figure for the chosen allocation
+    assert record["final_heldout_nll"] == pytest.approx(record["confirm"]["final"], rel=1e-3)
+    assert record["assembled_heldout_fitness"] == record["confirm"]["final"]
+    assert abs(report.achieved_sparsity - 0.6) < 1e-4
+    levels = [round(0.6 + 0.05 * j, 6) for j in record["offsets"]]
+    for block in range(len(levels)):
+        linears = [r for r in report.linears if r.block == block]
+        achieved = sum(r.achieved * r.numel for r in linears) / sum(r.numel for r in linears)
+        assert achieved == pytest.approx(levels[block], abs=2e-3)
+
+
+def test_an_assembly_killed_mid_way_resumes_to_the_uninterrupted_masks(tmp_path, monkeypatch):
+    whole = prune_(*_planted(), _config(final="assembled"))
+    real_assemble, calls = search.assemble_block, {"n": 0}
+
+    def killing_assemble(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise _Killed
+        return real_assemble(*args, **kwargs)
+
+    monkeypatch.setattr(search, "assemble_block", killing_assemble)
+    with pytest.raises(_Killed):
+        prune_(*_planted(), _config(final="assembled"), checkpoint=BlockCheckpoints(tmp_path / "ckpt"))
+    monkeypatch.setattr(search, "assemble_block", real_assemble)
+    resumed = prune_(*_planted(), _config(final="assembled"), checkpoint=BlockCheckpoints(tmp_path / "ckpt"),
+                     resume=True)
+    assert resumed.resumed_from_block == 1
+    assert [r.mask_sha256 for r in resumed.linears] == [r.mask_sha256 for r in whole.linears]
+    assert _record(resumed)["final_heldout_nll"] == pytest.approx(_record(whole)["final_heldout_nll"], rel=1e-6)
+
+
+def test_a_sequential_final_model_reports_its_held_out_loss_and_bad_finals_are_refused():
+    record = _record(prune_(*_planted(), _config(budget=60)))
+    assert record["final"] == "sequential" and 0 < record["final_heldout_nll"] < 20
+    assert 0 < record["assembled_heldout_fitness"] < 20
+    with pytest.raises(ValueError, match="search final 'stitched' is not valid; choose one of: sequential, assembled"):
+        SearchOptions(final="stitched")

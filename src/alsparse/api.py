@@ -164,14 +164,20 @@ def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_ca
     searching = hunting or _searches(model, config)
     # the search's held-out windows stay out of the importance too
     pass1_config = _pass1_on_fit_windows(config, calibration) if searching and "features" in needs else config
+    pass1_input = calibration
+    if searching and needs:  # OWL's and DLP's Wanda statistics too: pass 1 reads the fit windows only
+        from .strength import split
+
+        _check_calibration(calibration)
+        pass1_input = split(calibration)[0]
     use_cache = bool(needs) and pass1_cache is not None and isinstance(calibration, torch.Tensor)
-    key = pass1_key(pass1_config, needs, fingerprint(calibration)) if use_cache else None
+    key = pass1_key(pass1_config, needs, fingerprint(pass1_input)) if use_cache else None
     cached = pass1_cache.get(key) if key is not None else None
     acts = None
     # a search captures for the pruning pass after it has run: before it, only pass 1 needs the inputs
     if (pruner.needs_calibration and not searching) or (needs and cached is None):
         with timer("capture"):
-            acts = _capture(model, calibration, device, config)
+            acts = _capture(model, pass1_input, device, config)
     with timer("pass1"):
         if cached is not None:
             log.info("pass 1: reusing the cached dense statistics")

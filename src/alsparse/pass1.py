@@ -50,7 +50,9 @@ def collect(model, acts: Activations, device, config: PruneConfig, needs: frozen
     level = _level(config)
     if needs == frozenset({"features"}):
         acts = acts.head(als.windows)  # RM needs few sequences; Wanda statistics use them all
-    token_index = select_tokens(acts.total_tokens, als.tokens, config.seed) if "features" in needs else None
+    token_index = None
+    if "features" in needs:  # the RM's rows: from the first `windows` windows, whatever else pass 1 reads
+        token_index = select_tokens(acts.head(als.windows).total_tokens, als.tokens, config.seed)
     parallel = distributed.world_size() > 1
     block_summaries: list[FeatureSummary] = []
     linear_summaries: list[FeatureSummary] = []  # joint: every linear of every block

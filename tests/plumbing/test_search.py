@@ -148,6 +148,33 @@ def test_the_fitness_reads_only_the_held_out_calibration_windows(monkeypatch):
     assert seen and all(max(w) < heldout.shape[0] for w in seen)
 
 
+def test_the_warm_starts_statistics_read_only_the_fit_windows(monkeypatch):
+    """Pass 1 (ALS's redundancy rows, OWL's Wanda statistics) sees none of the held-out windows the
+    warm starts are then scored on; the RM rows come from the first ``als.windows`` windows."""
+    import alsparse.api as api
+    import alsparse.pass1 as pass1
+
+    model, ids = _planted()
+    fit, _ = strength.split(ids)
+    seen = {}
+    real_collect, real_select = api.collect_pass1, pass1.select_tokens
+
+    def collect(model, acts, device, config, needs):
+        seen["windows"], seen["needs"] = acts.total_windows, needs
+        return real_collect(model, acts, device, config, needs)
+
+    def select(total_tokens, m, seed):
+        seen["rm_tokens"] = total_tokens
+        return real_select(total_tokens, m, seed)
+
+    monkeypatch.setattr(api, "collect_pass1", collect)
+    monkeypatch.setattr(pass1, "select_tokens", select)
+    config = _config(budget=0)
+    prune_(model, ids, config)
+    assert seen["needs"] == {"features", "wanda"} and seen["windows"] == fit.shape[0] < ids.shape[0]
+    assert seen["rm_tokens"] == config.als.windows * ids.shape[1]
+
+
 def test_kl_fitness_runs_and_scores_the_dense_model_zero(tmp_path):
     model, ids = _planted()
     config = _config(fitness="kl")

@@ -353,11 +353,13 @@ def _steps_without_data(model, config, device) -> Iterator[BlockStep]:
             yield BlockStep(index, onloaded, "", None, device, find_linears(onloaded))
 
 
-def prune_linear(ref, stats, block_index, pruner, allocation, config) -> None:
-    """Prune one linear of an onloaded block in place at its allocated ratio and pattern."""
+def prune_linear(ref, stats, block_index, pruner, allocation, config, orders=None) -> None:
+    """Prune one linear of an onloaded block in place at its allocated ratio and pattern. ``orders``:
+    kept by a caller that prunes the same dense linear several times (mask pruners sort once)."""
     sparsity, pattern = allocation.target(block_index, ref.name)
     if sparsity == 0 and not pattern.is_nm:
         return
+    options = {} if orders is None else {"orders": orders}
     new = pruner.prune(
         ref.weight_oi,
         stats,
@@ -365,6 +367,7 @@ def prune_linear(ref, stats, block_index, pruner, allocation, config) -> None:
         pattern,
         blocksize=config.sparsegpt_blocksize,
         damp=config.sparsegpt_damp,
+        **options,
     )
     ref.write_(new)
 

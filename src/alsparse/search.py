@@ -124,6 +124,30 @@ def level_pattern(config: PruneConfig, grid: LevelGrid, offset: int) -> tuple[fl
     return n / pattern.m, (Pattern(n, pattern.m) if n > 0 else Pattern())
 
 
+def _store_levels(db: "LevelDatabase", step, stats: dict, pruner, config: PruneConfig, levels: list) -> None:
+    """One block at every ``(offset, (sparsity, pattern))`` of ``levels`` (sparsity 0: the dense
+    weights). Mask pruners go linear by linear (one score sort per linear serves every level; only
+    packed bits are held), the others level by level (one level's weights held at a time)."""
+    options = dict(blocksize=config.sparsegpt_blocksize, damp=config.sparsegpt_damp)
+    pruned_levels = [(o, level) for o, level in levels if level[0] > 0]
+    if db.masks:
+        payloads: dict[int, dict[str, torch.Tensor]] = {o: {} for o, _ in levels}
+        for ref in step.linears:
+            outputs = pruner.prune_levels(ref.weight_oi, stats.get(ref.name), [lv for _, lv in pruned_levels], **options)
+            for (o, _), pruned in zip(pruned_levels, outputs):
+                payloads[o][ref.name] = db.payload(pruned)
+            for o, (sparsity, _) in levels:
+                if sparsity <= 0:
+                    payloads[o][ref.name] = db.payload(ref.weight_oi.detach())
+        for o, _ in levels:
+            db.write(step.index, o, {ref.name: payloads[o][ref.name] for ref in step.linears})
+        return
+    for o, (sparsity, pattern) in levels:
+        db.put(step.index, o, {ref.name: ref.weight_oi.detach() if sparsity <= 0 else
+                               pruner.prune(ref.weight_oi, stats.get(ref.name), sparsity, pattern, **options)
+                               for ref in step.linears})
+
+
 class LevelDatabase:
     """Per block and level offset, what turns the dense linears into the pruned ones."""
 
@@ -136,10 +160,13 @@ class LevelDatabase:
         return self.dir / f"block-{block:05d}-level-{offset:+04d}.pt"
 
     def put(self, block: int, offset: int, pruned: dict[str, torch.Tensor]) -> None:
-        if self.masks:
-            payload = {name: _pack(pruned[name] == 0) for name in pruned}
-        else:
-            payload = {name: w.detach().cpu().contiguous() for name, w in pruned.items()}
+        self.write(block, offset, {name: self.payload(w) for name, w in pruned.items()})
+
+    def payload(self, pruned: torch.Tensor) -> torch.Tensor:
+        """What is stored of one pruned linear: its zeros packed to bits, or the weights themselves."""
+        return _pack(pruned == 0) if self.masks else pruned.detach().cpu().contiguous()
+
+    def write(self, block: int, offset: int, payload: dict[str, torch.Tensor]) -> None:
         tmp = self.path(block, offset).with_suffix(".tmp")
         torch.save(payload, tmp)
         tmp.replace(self.path(block, offset))
@@ -210,17 +237,7 @@ def build_database(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGri
             stats = {}
             if acts is not None:
                 stats = record_input_stats(step, pruner.needs_norms, pruner.needs_hessian, keep_outputs=True)
-            dense = {ref.name: ref.weight_oi.detach() for ref in step.linears}
-            for offset in offsets:
-                sparsity, pattern = level_pattern(config, grid, offset)
-                pruned = {}
-                for ref in step.linears:
-                    if sparsity <= 0:
-                        pruned[ref.name] = dense[ref.name]
-                        continue
-                    pruned[ref.name] = pruner.prune(ref.weight_oi, stats.get(ref.name), sparsity, pattern,
-                                                    blocksize=config.sparsegpt_blocksize, damp=config.sparsegpt_damp)
-                db.put(step.index, offset, pruned)
+            _store_levels(db, step, stats, pruner, config, [(o, level_pattern(config, grid, o)) for o in offsets])
             for st in stats.values():
                 st.forget_derived()
     marker.write_text(json.dumps({"key": key, "levels": offsets}))

@@ -190,9 +190,13 @@ def _score_blocks(stream, held_acts, hidden, unique, pruner, config, device) -> 
         if pruner.needs_calibration:
             stats = record_input_stats(step, pruner.needs_norms, pruner.needs_hessian, keep_outputs=True)
         dense = [ref.weight_oi.detach().clone() for ref in step.linears]
+        # every candidate prunes the same dense linears: a mask pruner's sorts are kept across them (an
+        # int64 index per weight; not for blocks where that would exceed ORDERS_BYTES)
+        keep = sum(ref.numel for ref in step.linears) * 8 <= ORDERS_BYTES
+        orders = {ref.name: {} for ref in step.linears} if keep else None
         try:
             for k, allocation in enumerate(unique):
-                _prune_block(step, stats, pruner, allocation, config)
+                _prune_block(step, stats, pruner, allocation, config, orders)
                 held = held_acts.with_hidden(hidden[k])
                 BlockStep(step.index, step.block, step.layer_type, held, device, step.linears, owns_inputs=True).run()
                 for ref, weight in zip(step.linears, dense):
@@ -200,6 +204,9 @@ def _score_blocks(stream, held_acts, hidden, unique, pruner, config, device) -> 
         finally:
             for ref, weight in zip(step.linears, dense):
                 ref.write_(weight)
+
+
+ORDERS_BYTES = 1 << 30
 
 
 def _finite(loss: float) -> float:
@@ -226,11 +233,12 @@ def _capture(model, ids, device, config, capture_block_inputs):
     return capture_block_inputs(model, ids, device, batch, config.offload, starts=starts), world > 1
 
 
-def _prune_block(step, stats, pruner, allocation, config) -> None:
+def _prune_block(step, stats, pruner, allocation, config, orders=None) -> None:
     from .api import prune_linear
 
     for ref in step.linears:
-        prune_linear(ref, stats.get(ref.name), step.index, pruner, allocation, config)
+        prune_linear(ref, stats.get(ref.name), step.index, pruner, allocation, config,
+                     None if orders is None else orders[ref.name])
 
 
 def _heldout_sums(model, heldout, held_acts, hidden, device, reduce: bool) -> list[tuple[float, int]]:

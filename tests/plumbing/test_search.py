@@ -314,3 +314,23 @@ def test_a_sequential_final_model_reports_its_held_out_loss_and_bad_finals_are_r
     assert 0 < record["assembled_heldout_fitness"] < 20
     with pytest.raises(ValueError, match="search final 'stitched' is not valid; choose one of: sequential, assembled"):
         SearchOptions(final="stitched")
+
+
+@pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("magnitude", "unstructured"), ("wanda", "2:4")])
+def test_the_level_database_holds_what_one_prune_per_level_gives(tmp_path, monkeypatch, method, pattern):
+    import alsparse.pruning as pruning
+
+    model, ids = _planted()
+    fit, _ = strength.split(ids)
+    config = PruneConfig(method=method, sparsity=0.5 if pattern != "unstructured" else 0.6, pattern=pattern,
+                         allocation="search", compute_dtype="float32")
+    grid = search.level_grid(config)
+    device = torch.device("cpu")
+    shared = search.build_database(model, fit, config, grid, device, tmp_path / "shared")
+    monkeypatch.setattr(pruning._ScoreMasked, "prune_levels", pruning.Pruner.prune_levels)
+    apart = search.build_database(model, fit, config, grid, device, tmp_path / "apart")
+    dense = [{ref.name: ref.weight_oi.detach() for ref in find_linears(b)} for b in decoder_blocks(model)]
+    for block in range(len(dense)):
+        for offset in grid.offsets():
+            a, b = shared.weights(block, offset, dense[block]), apart.weights(block, offset, dense[block])
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

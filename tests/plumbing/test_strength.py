@@ -136,3 +136,16 @@ def test_a_given_strength_skips_the_search_and_one_window_is_refused():
     assert report.allocation["diagnostics"]["strength"] == 0.1
     with pytest.raises(ValueError, match="at least 2 calibration windows"):
         prune_(make_tiny("llama"), IDS[:1], _als_config())
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+def test_sorts_kept_across_candidates_change_no_loss(monkeypatch, method):
+    """The one-shot search keeps each linear's score order across its candidates (the same dense
+    weights every time): the held-out losses are those of sorting afresh for each candidate."""
+    model, ids = _fragile(0)
+    config = dataclasses.replace(_als_config(), method=method)
+    data = {"block_psi": _psi_protecting(0)}
+    kept = strength.select(model, ids, config, data, torch.device("cpu"))[1][strength.RECORD]["heldout_loss"]
+    monkeypatch.setattr(strength, "ORDERS_BYTES", 0)
+    afresh = strength.select(model, ids, config, data, torch.device("cpu"))[1][strength.RECORD]["heldout_loss"]
+    assert kept == afresh and len(set(kept)) > 1

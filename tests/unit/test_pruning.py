@@ -235,3 +235,22 @@ def test_sparsegpt_reuses_the_prepared_hessian_across_ratios(monkeypatch):
     pruner.prune(weight, stats, 0.5, pattern)
     pruner.prune(weight, stats, 0.6, pattern)
     assert calls == [0.01]
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_pruning_at_several_levels_equals_one_prune_per_level(method):
+    """prune_levels (one score sort shared by every level for the mask pruners) gives exactly the
+    tensors of separate prune calls, unstructured and N:M, on weights with many ties."""
+    g = torch.Generator().manual_seed(5)
+    weight = (torch.randint(-4, 5, (24, 32), generator=g) / 4.0)  # few distinct values: ties everywhere
+    x = torch.randn(64, 32, generator=g)
+    stats = InputStats(32, torch.device("cpu"), norms=True, hessian=True)
+    stats.update(x)
+    pruner = PRUNERS.get(method)
+    for levels in ([(s, Pattern()) for s in (0.1, 0.35, 0.5, 0.501, 0.75, 0.9)],
+                   [(n / 8, Pattern(n, 8)) for n in (1, 3, 4, 5, 7)]):
+        together = list(pruner.prune_levels(weight, stats, levels))
+        apart = [pruner.prune(weight, stats, s, p) for s, p in levels]
+        assert len(together) == len(levels)
+        for a, b in zip(together, apart):
+            assert torch.equal(a, b)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -28,20 +29,47 @@ class Pruner:
     def prune(self, weight, stats, sparsity, pattern, **options) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def prune_levels(self, weight, stats, levels, **options) -> Iterator[torch.Tensor]:
+        """``prune`` at each ``(sparsity, pattern)`` of ``levels`` in turn, from the same weight and
+        statistics (a level database); the same tensors as separate calls, one at a time."""
+        for sparsity, pattern in levels:
+            yield self.prune(weight, stats, sparsity, pattern, **options)
+
+
+class _ScoreMasked(Pruner):
+    """A pruner that zeroes the lowest entries of a score matrix: its masks at several levels share
+    one score computation and one sort per comparison group."""
+
+    per_row = False
+
+    def scores(self, weight, stats) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def prune(self, weight, stats, sparsity, pattern, orders=None, **options):
+        """``orders``: a dict the caller keeps for this one (unchanged) weight and its statistics
+        across several prunes of it (a strength search's candidates): the sorts are done once."""
+        return F.apply_prune_mask(weight, F.score_mask(self.scores(weight, stats), sparsity, pattern, self.per_row,
+                                                       orders=orders))
+
+    def prune_levels(self, weight, stats, levels, **options):
+        scores, orders = self.scores(weight, stats), {}
+        for sparsity, pattern in levels:
+            yield F.apply_prune_mask(weight, F.score_mask(scores, sparsity, pattern, self.per_row, orders=orders))
+
 
 PRUNERS: Registry[Pruner] = Registry("pruning method")
 
 
-class Magnitude(Pruner):
-    def prune(self, weight, stats, sparsity, pattern, **options):
-        scores = F.magnitude_scores(weight.float())
-        return F.apply_prune_mask(weight, F.score_mask(scores, sparsity, pattern, per_row=False))
+class Magnitude(_ScoreMasked):
+    def scores(self, weight, stats):
+        return F.magnitude_scores(weight.float())
 
 
-class Wanda(Pruner):
-    def prune(self, weight, stats, sparsity, pattern, **options):
-        scores = F.wanda_scores(weight.float(), stats.sq_norms)
-        return F.apply_prune_mask(weight, F.score_mask(scores, sparsity, pattern, per_row=True))
+class Wanda(_ScoreMasked):
+    per_row = True
+
+    def scores(self, weight, stats):
+        return F.wanda_scores(weight.float(), stats.sq_norms)
 
 
 class SparseGPT(Pruner):

@@ -24,32 +24,44 @@ def num_pruned(sparsity: float, group_size: int) -> int:
     return int(math.floor(sparsity * group_size + 1e-6))
 
 
-def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the k lowest entries of each row of ``scores`` ``[R, G]`` (stable ties)."""
+def row_order(scores: torch.Tensor) -> torch.Tensor:
+    """Each row's entries from the lowest score up (stable: ties in index order), ``[R, G]``. One
+    order serves every k: the masks of several sparsities of one matrix need one sort."""
+    return torch.sort(scores, dim=-1, stable=True).indices
+
+
+def lowest_k_mask(scores: torch.Tensor, k: int, order: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool mask of the k lowest entries of each row of ``scores`` ``[R, G]`` (stable ties);
+    ``order``: :func:`row_order` of ``scores``, when the caller has it."""
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    order = torch.sort(scores, dim=-1, stable=True).indices[:, :k]  # [R, k]
+    order = row_order(scores) if order is None else order
     prune_mask = torch.zeros_like(scores, dtype=torch.bool)
-    return prune_mask.scatter_(1, order, True)
+    return prune_mask.scatter_(1, order[:, :k], True)
 
 
-def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Prune the n lowest of every m consecutive inputs in each row; scores ``[O, I]``, I % m == 0."""
-    rows, cols = scores.shape
-    if cols % m:
-        raise ValueError(f"N:M with M={m} needs in_features divisible by {m}, got {cols}")
-    groups = scores.reshape(-1, m)  # [O * I / m, m]
-    return lowest_k_mask(groups, n).reshape(rows, cols)
+def nm_groups(scores: torch.Tensor, m: int) -> torch.Tensor:
+    """``scores [O, I]`` as its comparison groups of m consecutive inputs, ``[O * I / m, m]``."""
+    if scores.shape[1] % m:
+        raise ValueError(f"N:M with M={m} needs in_features divisible by {m}, got {scores.shape[1]}")
+    return scores.reshape(-1, m)
 
 
-def per_row_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+def nm_mask(scores: torch.Tensor, n: int, m: int, order: torch.Tensor | None = None) -> torch.Tensor:
+    """Prune the n lowest of every m consecutive inputs in each row; scores ``[O, I]``, I % m == 0.
+    ``order``: :func:`row_order` of :func:`nm_groups`, when the caller has it."""
+    return lowest_k_mask(nm_groups(scores, m), n, order).reshape(scores.shape)
+
+
+def per_row_mask(scores: torch.Tensor, k: int, order: torch.Tensor | None = None) -> torch.Tensor:
     """Prune exactly ``k`` entries of ``scores [O, I]``, spread over the rows: floor(k / O) each (the
-    lowest), and one more in the k mod O rows whose lowest unpruned score is smallest (stable)."""
+    lowest), and one more in the k mod O rows whose lowest unpruned score is smallest (stable).
+    ``order``: :func:`row_order` of ``scores``, when the caller has it."""
     rows, cols = scores.shape
     if not 0 <= k <= rows * cols:
         raise ValueError(f"cannot prune {k} of {rows * cols} entries")
     base, extra = divmod(k, rows)
-    order = torch.sort(scores, dim=-1, stable=True).indices  # [O, I]
+    order = row_order(scores) if order is None else order  # [O, I]
     prune_mask = torch.zeros_like(scores, dtype=torch.bool)
     prune_mask.scatter_(1, order[:, :base], True)
     if extra:
@@ -60,16 +72,25 @@ def per_row_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def score_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern, per_row: bool,
-               count: int | None = None) -> torch.Tensor:
+               count: int | None = None, orders: dict | None = None) -> torch.Tensor:
     """The prune_mask for ``scores [O, I]``: N:M, or unstructured over the matrix (``count`` entries,
-    default floor(s * O * I)), spread per output row or chosen over the whole matrix."""
+    default floor(s * O * I)), spread per output row or chosen over the whole matrix. ``orders``: a
+    dict kept by a caller that masks one matrix at several sparsities (the sorts are done once)."""
+    orders = {} if orders is None else orders
     if pattern.is_nm:
-        return nm_mask(scores, pattern.n, pattern.m)
+        key = ("nm", pattern.m)
+        if key not in orders:
+            orders[key] = row_order(nm_groups(scores, pattern.m))
+        return nm_mask(scores, pattern.n, pattern.m, orders[key])
     k = num_pruned(sparsity, scores.numel()) if count is None else count
     if per_row:
-        return per_row_mask(scores, k)
+        if "rows" not in orders:
+            orders["rows"] = row_order(scores)
+        return per_row_mask(scores, k, orders["rows"])
     flat = scores.reshape(1, -1)  # [1, O * I]
-    return lowest_k_mask(flat, k).reshape(scores.shape)
+    if "matrix" not in orders and k > 0:
+        orders["matrix"] = row_order(flat)
+    return lowest_k_mask(flat, k, orders.get("matrix")).reshape(scores.shape)
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:

@@ -104,7 +104,7 @@ def collect(model, acts: Activations, device, config: PruneConfig, needs: frozen
         if linear_summaries:
             data["linear_psi"] = redundancy_matrix(linear_summaries)
         data["rm_tokens"] = int(token_index.numel())
-        data["rm_windows"] = acts.total_windows
+        data["rm_windows"] = acts.head(als.windows).total_windows  # the windows the RM rows came from
     if "wanda" in needs:
         data["lod"] = torch.tensor(lod, dtype=torch.float64)
         data["mean_scores"] = torch.tensor(mean_scores, dtype=torch.float64)

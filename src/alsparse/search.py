@@ -197,15 +197,18 @@ def _unpack(packed: torch.Tensor, shape) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel).astype(bool)).reshape(shape)
 
 
-def _db_fingerprint(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGrid) -> str:
+def _db_fingerprint(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGrid, with_compute: bool = True) -> str:
+    """What the database's content depends on; ``with_compute=False`` leaves out the compute dtype
+    (the device's, under ``auto``: a resume on another device may still assemble what was scored)."""
     from .checkpoint import model_fingerprint
     from .data.calibration import fingerprint
 
-    text = json.dumps({"model": model_fingerprint(model), "fit": fingerprint(fit), "method": config.method,
-                       "grid": dataclasses.asdict(grid), "pattern": str(config.parsed_pattern), "damp": config.sparsegpt_damp,
-                       "blocksize": config.sparsegpt_blocksize, "compute": compute.name(compute.active())},
-                      sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    parts = {"model": model_fingerprint(model), "fit": fingerprint(fit), "method": config.method,
+             "grid": dataclasses.asdict(grid), "pattern": str(config.parsed_pattern), "damp": config.sparsegpt_damp,
+             "blocksize": config.sparsegpt_blocksize}
+    if with_compute:
+        parts["compute"] = compute.name(compute.active())
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def build_database(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGrid, device, directory: Path) -> LevelDatabase:
@@ -240,7 +243,8 @@ def build_database(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGri
             _store_levels(db, step, stats, pruner, config, [(o, level_pattern(config, grid, o)) for o in offsets])
             for st in stats.values():
                 st.forget_derived()
-    marker.write_text(json.dumps({"key": key, "levels": offsets}))
+    marker.write_text(json.dumps({"key": key, "content": _db_fingerprint(model, fit, config, grid, with_compute=False),
+                                  "levels": offsets}))
     return db
 
 
@@ -249,9 +253,11 @@ def open_database(model, fit: torch.Tensor, config: PruneConfig, directory: Path
     windows and options (the final model is assembled from it); an error if it is missing or stale."""
     grid = level_grid(config)
     marker = directory / "complete.json"
-    if not marker.is_file() or json.loads(marker.read_text()).get("key") != _db_fingerprint(model, fit, config, grid):
+    content = _db_fingerprint(model, fit, config, grid, with_compute=False)
+    if not marker.is_file() or json.loads(marker.read_text()).get("content") != content:
         raise RuntimeError(f"no complete level database for this model and calibration in {directory}: the "
-                           "searched allocation cannot be assembled (run the search again without --resume)")
+                           "searched allocation cannot be assembled; remove that checkpoint directory and run "
+                           "the prune again (without --resume)")
     return LevelDatabase(directory, grid, masks=config.method in MASK_PRUNERS)
 
 
@@ -266,7 +272,9 @@ def top_up_zeros(ref, count: int) -> int:
     """Zero the smallest-magnitude nonzero weights of ``ref`` until ``count`` of them are zero (ties:
     lowest index first); returns how many it zeroed. The level database prunes floor(s * numel) per
     linear; the allocation's exact counts give some linears one weight more, so that the assembled
-    model's achieved sparsity is the target, as a sequential prune's is."""
+    model's achieved sparsity is the target, as a sequential prune's is. (Where s * numel falls
+    within 1e-6 below an integer the database's count is already one above the exact count; that
+    linear keeps it: at most one weight per linear, nothing is un-pruned.)"""
     weight = ref.weight_oi.detach()
     missing = count - int((weight == 0).sum())
     if missing <= 0:
@@ -329,9 +337,13 @@ class Scorer:
                 self.current[b] = None
 
     def score(self, candidates: list[list[int]], windows: list[int], length: int) -> list[float]:
-        reuse = self.anchor is not None and self._fits(len(windows), length)
-        if reuse:
-            self._prepare(tuple(self.anchor), windows, length)
+        reuse = False
+        if self.anchor is not None:
+            anchor = tuple(self.anchor)
+            self._adopt(anchor)
+            reuse = self._make_room(windows, length)
+            if reuse:
+                self._prepare(anchor, windows, length)
         out, best = [], None
         self.blocks_asked += len(candidates) * len(windows) * len(self.blocks)
         for candidate in candidates:
@@ -352,21 +364,34 @@ class Scorer:
         """No anchor any more; the kept block outputs are released."""
         self.anchor, self._kept, self._best = None, {}, {}
 
-    def _fits(self, windows: int, length: int) -> bool:
-        """Whether what is kept plus three allocations' block outputs on these windows (the anchor's,
-        the candidate's, the best's) stay within PREFIX_BYTES."""
-        width = self.model.get_input_embeddings().weight.shape[1]
-        kept = sum(h.nbytes for _, outputs in self._kept.values() for h, _ in outputs)
-        return kept + 3 * windows * len(self.blocks) * length * width * 4 <= PREFIX_BYTES
-
-    def _prepare(self, anchor: tuple, windows: list[int], length: int) -> None:
-        """Keep the anchor's block outputs on these windows: from the last call's best, from an earlier
-        call, or by one forward of the anchor; what belongs to another allocation is dropped."""
+    def _adopt(self, anchor: tuple) -> None:
+        """Keep only the anchor's block outputs: those of earlier calls, and the last call's best
+        candidate's when it is the anchor (an accepted child); the rest is released."""
         self._kept = {k: v for k, v in self._kept.items() if v[0] == anchor}
         for key, value in self._best.items():
             if value[0] == anchor and key not in self._kept:
                 self._kept[key] = value
         self._best = {}
+
+    def _kept_bytes(self) -> int:
+        return sum(h.nbytes for _, outputs in self._kept.values() for h, _ in outputs)
+
+    def _make_room(self, windows: list[int], length: int) -> bool:
+        """Whether what is kept plus three allocations' block outputs on these windows (the anchor's,
+        the candidate's, the best's) fit in PREFIX_BYTES, after releasing the oldest kept windows
+        this call does not score; False (whole forwards) when even these windows alone do not fit."""
+        width = self.model.get_input_embeddings().weight.shape[1]
+        need = 3 * len(windows) * len(self.blocks) * length * width * 4
+        wanted = {(w, length) for w in windows}
+        used = self._kept_bytes()
+        for key in [k for k in self._kept if k not in wanted]:  # oldest first
+            if used + need <= PREFIX_BYTES:
+                break
+            used -= sum(h.nbytes for h, _ in self._kept.pop(key)[1])
+        return used + need <= PREFIX_BYTES
+
+    def _prepare(self, anchor: tuple, windows: list[int], length: int) -> None:
+        """Keep the anchor's block outputs on these windows: kept from earlier, or by one forward."""
         missing = [w for w in windows if (w, length) not in self._kept]
         if missing:
             self.load(list(anchor))
@@ -414,16 +439,17 @@ class Scorer:
                 if b < start:  # replayed: the kept output itself
                     outputs[b] = prefix[b]
                     return
-                hidden = output[0] if isinstance(output, (tuple, list)) else output
-                outputs[b] = (hidden.detach().clone(), len(output) if isinstance(output, tuple) else None)
+                packed = isinstance(output, (tuple, list))
+                hidden = output[0] if packed else output
+                outputs[b] = (hidden.detach().clone(), (type(output), len(output)) if packed else None)
             return hook
 
         def replay(b):
-            hidden, arity = prefix[b]
+            hidden, shape = prefix[b]  # shape: None (a bare tensor) or (tuple or list, length)
 
             def forward(*args, **kwargs):
                 out = hidden.clone() if b == start - 1 else hidden  # the first real block gets its own copy
-                return out if arity is None else (out,) + (None,) * (arity - 1)
+                return out if shape is None else shape[0]([out] + [None] * (shape[1] - 1))
             return forward
 
         handles = []

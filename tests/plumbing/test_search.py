@@ -334,3 +334,42 @@ def test_the_level_database_holds_what_one_prune_per_level_gives(tmp_path, monke
         for offset in grid.offsets():
             a, b = shared.weights(block, offset, dense[block]), apart.weights(block, offset, dense[block])
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prefix_reuse_releases_the_oldest_windows_instead_of_stopping(tmp_path, monkeypatch):
+    """A parent that stays while the sampled windows change must not fill the prefix store for good:
+    the oldest kept windows are released, reuse goes on, the store stays within its bound and the
+    fitness equals whole forwards exactly."""
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    from alsparse.allocation.evolution import LevelGrid, mutate, size_groups
+
+    torch.manual_seed(0)
+    cfg = tiny_config("llama")
+    cfg.num_hidden_layers = 6
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    ids = sample_from(model, 16, torch.Generator().manual_seed(1))
+    config = _config()
+    fit, heldout = strength.split(ids)
+    grid = LevelGrid(0.6, 0.05, 0.2)
+    db = search.build_database(model, fit, config, grid, torch.device("cpu"), tmp_path / "db")
+    length = 8
+    per_window = 6 * length * cfg.hidden_size * 4  # one window's block outputs, fp32
+    monkeypatch.setattr(search, "PREFIX_BYTES", 5 * per_window)  # the anchor's on 2 windows + one call's need
+    groups, rng = size_groups([1] * 6), random.Random(0)
+    parent = [0] * 6
+    calls = [([mutate(parent, rng, groups, grid, 1) for _ in range(4)], [w % heldout.shape[0]]) for w in range(8)]
+    plain = search.Scorer(model, heldout, db, config, torch.device("cpu"), tmp_path)
+    whole = [plain.score(children, windows, length) for children, windows in calls]
+    plain.restore()
+    reusing = search.Scorer(model, heldout, db, config, torch.device("cpu"), tmp_path)
+    reused = []
+    for children, windows in calls:
+        reusing.anchor = list(parent)
+        reused.append(reusing.score(children, windows, length))
+        assert (windows[0], length) in reusing._kept, "reuse stopped once the store was full"
+        assert sum(h.nbytes for _, o in reusing._kept.values() for h, _ in o) <= search.PREFIX_BYTES
+    reusing.restore()
+    assert reused == whole

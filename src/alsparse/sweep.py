@@ -718,7 +718,7 @@ class _Runner:
             achieved_sparsity=report.achieved_sparsity, allocated_sparsity=report.allocated_sparsity,
             allocation={"units": allocation.get("units"), "sparsity": allocation.get("sparsity"),
                         "mean_sparsity": allocation.get("mean_sparsity"), "nm": allocation.get("nm"),
-                        **_block_rm(allocation)},
+                        **_block_rm(allocation), **_search_records(allocation)},
             pass1_reused=self.pass1.hits > hits,
             timings_s=_around(timer.timings, report.timings_s), eval_s=eval_s,
             stage_peak_rss_gib=_around(timer.peak_rss_gib, report.stage_peak_rss_gib),
@@ -785,6 +785,16 @@ def _block_rm(allocation: Mapping[str, Any]) -> dict[str, Any]:
     report can draw a cell's heat map from the results file alone; linear-level RM is not kept."""
     rm = (allocation.get("diagnostics") or {}).get("block_rm")
     return {"block_rm": [[round(float(x), 4) for x in row] for row in rm]} if rm else {}
+
+
+def _search_records(allocation: Mapping[str, Any]) -> dict[str, Any]:
+    """What a cell's allocator searched, as its report holds it: the strength search's candidates,
+    held-out losses and choice; the searched allocation's warm starts, trace, confirmation, final
+    held-out figures and time per phase. The evidence tables are drawn from these."""
+    from .strength import RECORD
+
+    diagnostics = allocation.get("diagnostics") or {}
+    return {key: diagnostics[key] for key in (RECORD, "search") if key in diagnostics}
 
 
 def _load_average() -> float | None:

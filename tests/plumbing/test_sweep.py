@@ -622,3 +622,20 @@ def test_compute_dtype_is_resolved_once_and_never_shares_a_table(tiny_model_dir,
     text = (tmp_path / "report" / "RESULTS.md").read_text()
     model = str(tiny_model_dir / "model")
     assert f"{model} (bfloat16 compute)" in text and text.count("| wanda 50% |") >= 2
+
+
+def test_a_cells_search_records_reach_the_results_file(tiny_model_dir, tmp_path):
+    """ATP's strength search (candidates, held-out losses, choice) and the searched allocation's
+    record (warm starts, trace, final held-out figures, seconds per phase) are kept per cell."""
+    grid = [{"methods": ["wanda"], "allocations": ["atp", "search"], "sparsities": [0.6],
+             "search": {"budget": [24]}}]
+    config = _write(tmp_path, _config(tiny_model_dir, grid=grid))
+    results = tmp_path / "results.jsonl"
+    assert main(["sweep", str(config), "--results", str(results)]) == 0
+    cells = {r["config"]["allocation"]: r for r in _lines(results) if r["kind"] == "pruned"}
+    atp = cells["atp"]["allocation"]
+    assert len(atp["strength_search"]["candidates"]) == len(atp["strength_search"]["heldout_loss"]) > 1
+    assert "search" not in atp
+    found = cells["search"]["allocation"]["search"]
+    assert found["warm_starts"] and found["offsets"] and "evolution_s" in found["seconds"]
+    assert found["final"] == "sequential" and found["final_heldout_nll"] > 0

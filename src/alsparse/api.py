@@ -174,14 +174,18 @@ def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_ca
     key = pass1_key(pass1_config, needs, fingerprint(pass1_input)) if use_cache else None
     cached = pass1_cache.get(key) if key is not None else None
     acts = None
+    # the searched allocation collects pass 1 on its level database's stream (the same fit windows)
+    merged = hunting and bool(needs) and cached is None
     # a search captures for the pruning pass after it has run: before it, only pass 1 needs the inputs
-    if (pruner.needs_calibration and not searching) or (needs and cached is None):
+    if (pruner.needs_calibration and not searching) or (needs and cached is None and not merged):
         with timer("capture"):
             acts = _capture(model, pass1_input, device, config)
     with timer("pass1"):
         if cached is not None:
             log.info("pass 1: reusing the cached dense statistics")
             data = cached
+        elif merged:
+            data = None
         else:
             data = collect_pass1(model, acts, device, pass1_config, needs) if needs else {}
             if key is not None:
@@ -194,7 +198,10 @@ def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_ca
             from .search import run as run_search
 
             with timer("search"):
-                found, search = run_search(model, calibration, config, data, device, state_dir=search_dir)
+                found, search, data = run_search(model, calibration, config, data, device, state_dir=search_dir,
+                                                 pass1=(pass1_config, needs))
+            if merged and key is not None:
+                pass1_cache[key] = data
             data = {**data, "search": found}
         else:
             from .strength import select

@@ -275,11 +275,25 @@ def _check_finite(outputs: list[torch.Tensor], index: int) -> None:
         )
 
 
-def record_input_stats(step: BlockStep, norms: bool, hessian: bool, keep_outputs: bool = False) -> dict[str, "InputStats"]:
+def chain_hooks(first, second):
+    """One ``hook(x, y)`` calling ``first`` (may be None) then ``second``."""
+    if first is None:
+        return second
+
+    def hook(x, y):
+        first(x, y)
+        second(x, y)
+
+    return hook
+
+
+def record_input_stats(step: BlockStep, norms: bool, hessian: bool, keep_outputs: bool = False,
+                       hooks: Optional[dict] = None) -> dict[str, "InputStats"]:
     """Run the block once and accumulate each linear's input statistics. Linears fed the very same
     tensor (q/k/v, gate/up) share one accumulator, so a SparseGPT Hessian is built once per input.
     ``keep_outputs``: also keep the block's outputs as ``step.outputs`` (the stream then reuses them
-    instead of running the block again: right when the block is not changed before moving on)."""
+    instead of running the block again: right when the block is not changed before moving on).
+    ``hooks``: more ``hooks[name](x, y)`` to call in the same run (after the statistics')."""
     from .pruning.stats import InputStats
 
     owner: dict[str, str] = {}
@@ -301,7 +315,10 @@ def record_input_stats(step: BlockStep, norms: bool, hessian: bool, keep_outputs
 
         return hook
 
-    outputs = step.run({ref.name: make(ref) for ref in step.linears}, keep_outputs=keep_outputs)
+    ours = {ref.name: make(ref) for ref in step.linears}
+    for name, extra in (hooks or {}).items():
+        ours[name] = chain_hooks(ours.get(name), extra)
+    outputs = step.run(ours, keep_outputs=keep_outputs)
     if keep_outputs:
         step.outputs = outputs
     held.clear()

@@ -15,6 +15,7 @@ import torch
 from .allocation.owl import outlier_ratio
 from . import distributed
 from .capture import Activations, stream_blocks
+from .capture import chain_hooks as _chain
 from .config import PruneConfig
 from .pruning import InputStats
 from .pruning import functional as F
@@ -46,69 +47,103 @@ def _level(config: PruneConfig) -> str:
 
 
 def collect(model, acts: Activations, device, config: PruneConfig, needs: frozenset) -> dict[str, Any]:
-    als = config.als
-    level = _level(config)
     if needs == frozenset({"features"}):
-        acts = acts.head(als.windows)  # RM needs few sequences; Wanda statistics use them all
-    token_index = None
-    if "features" in needs:  # the RM's rows: from the first `windows` windows, whatever else pass 1 reads
-        token_index = select_tokens(acts.head(als.windows).total_tokens, als.tokens, config.seed)
-    parallel = distributed.world_size() > 1
-    block_summaries: list[FeatureSummary] = []
-    linear_summaries: list[FeatureSummary] = []  # joint: every linear of every block
-    component_psis: list[torch.Tensor] = []  # two-stage: one [K, K] per block
-    lod, mean_scores = [], []
+        acts = acts.head(config.als.windows)  # RM needs few sequences; Wanda statistics use them all
+    collector = Collector(acts, device, config, needs)
     for step in stream_blocks(model, acts, device, desc="pass 1 (dense statistics)"):
-        hooks, per_linear, stats = {}, {}, {}
-        if "features" in needs and level in ("component", "joint"):
-            per_linear = {ref.name: FeatureSummary(token_index, als.normalize) for ref in step.linears}
-            hooks.update(_feature_hooks(per_linear, als.feature_for("linear"), acts))
-        if "wanda" in needs:
-            stats = {ref.name: InputStats(ref.in_features, device, norms=True, hessian=False) for ref in step.linears}
-            for name, s in stats.items():
-                hooks[name] = _chain(hooks.get(name), lambda x, y, s=s: s.update(x))
-        block_features = "features" in needs and level in ("block", "component")
-        if block_features and als.feature_for("block") == "input":  # before the run may overwrite them
-            block_summaries.append(_summarise(step.inputs.hidden, token_index, als.normalize, acts))
+        hooks = collector.start_block(step)
         step.outputs = step.run(hooks)
-        if block_features and als.feature_for("block") == "output":
-            block_summaries.append(_summarise(step.outputs, token_index, als.normalize, acts))
-        if parallel:  # every process holds its own rows / sums: add them up, in a fixed order
-            if block_features:
-                block_summaries[-1].reduce_(distributed.all_reduce_)
+        collector.end_block(step)
+    return collector.result()
+
+
+class Collector:
+    """Pass 1's work on one dense stream, block by block, whoever drives the stream: ``hooks =
+    start_block(step)`` before the block runs (its linears' hooks), ``end_block(step, stats)`` after
+    (``stats``: the stream's own Wanda statistics of the same inputs, when it keeps them, else the
+    collector's), then ``result()``. The searched allocation drives it from its level database's
+    stream, so the dense blocks run once for both."""
+
+    def __init__(self, acts: Activations, device, config: PruneConfig, needs: frozenset) -> None:
+        als = config.als
+        self.acts, self.device, self.config, self.needs = acts, device, config, needs
+        self.level = _level(config)
+        self.token_index = None
+        if "features" in needs:  # the RM's rows: from the first `windows` windows, whatever else pass 1 reads
+            self.token_index = select_tokens(acts.head(als.windows).total_tokens, als.tokens, config.seed)
+        self.block_features = "features" in needs and self.level in ("block", "component")
+        self.parallel = distributed.world_size() > 1
+        self.block_summaries: list[FeatureSummary] = []
+        self.linear_summaries: list[FeatureSummary] = []  # joint: every linear of every block
+        self.component_psis: list[torch.Tensor] = []  # two-stage: one [K, K] per block
+        self.lod: list[float] = []
+        self.mean_scores: list[float] = []
+        self._per_linear: dict[str, FeatureSummary] = {}
+        self._stats: dict[str, InputStats] = {}
+
+    def start_block(self, step, own_stats: bool = True) -> dict:
+        """The hooks to run ``step``'s block with (and its input summary, taken now: the run may
+        overwrite the inputs). ``own_stats=False``: the caller keeps Wanda statistics of its own."""
+        als, hooks = self.config.als, {}
+        self._per_linear, self._stats = {}, {}
+        if "features" in self.needs and self.level in ("component", "joint"):
+            self._per_linear = {ref.name: FeatureSummary(self.token_index, als.normalize) for ref in step.linears}
+            hooks.update(_feature_hooks(self._per_linear, als.feature_for("linear"), self.acts))
+        if "wanda" in self.needs and own_stats:
+            self._stats = {ref.name: InputStats(ref.in_features, self.device, norms=True, hessian=False)
+                           for ref in step.linears}
+            for name, s in self._stats.items():
+                hooks[name] = _chain(hooks.get(name), lambda x, y, s=s: s.update(x))
+        if self.block_features and als.feature_for("block") == "input":
+            self.block_summaries.append(_summarise(step.inputs.hidden, self.token_index, als.normalize, self.acts))
+        return hooks
+
+    def end_block(self, step, stats: dict | None = None) -> None:
+        """After the block ran (``step.outputs`` set). ``stats``: per linear name, the stream's Wanda
+        statistics (already summed over processes), when ``start_block`` was told not to keep its own."""
+        als = self.config.als
+        if self.block_features and als.feature_for("block") == "output":
+            self.block_summaries.append(_summarise(step.outputs, self.token_index, als.normalize, self.acts))
+        if self.parallel:  # every process holds its own rows / sums: add them up, in a fixed order
+            if self.block_features:
+                self.block_summaries[-1].reduce_(distributed.all_reduce_)
             for ref in step.linears:
-                if ref.name in per_linear:
-                    per_linear[ref.name].reduce_(distributed.all_reduce_)
-                if ref.name in stats:
-                    stats[ref.name].reduce_(distributed.all_reduce_)
-        if block_features:
-            block_summaries[-1].finalize()
-        if per_linear:
-            finished = [per_linear[ref.name] for ref in step.linears]
+                if ref.name in self._per_linear:
+                    self._per_linear[ref.name].reduce_(distributed.all_reduce_)
+                if ref.name in self._stats:
+                    self._stats[ref.name].reduce_(distributed.all_reduce_)
+        if self.block_features:
+            self.block_summaries[-1].finalize()
+        if self._per_linear:
+            finished = [self._per_linear[ref.name] for ref in step.linears]
             for summary in finished:
                 summary.finalize()
-            if level == "component":
-                component_psis.append(redundancy_matrix(finished))
+            if self.level == "component":
+                self.component_psis.append(redundancy_matrix(finished))
             else:
-                linear_summaries.extend(finished)
-        if stats:
-            scores = [F.wanda_scores(ref.weight_oi.float(), stats[ref.name].sq_norms) for ref in step.linears]
-            lod.append(outlier_ratio(scores, config.baselines.owl_m))
-            mean_scores.append(float(torch.cat([s.flatten() for s in scores]).mean()))
-    data: dict[str, Any] = {}
-    if "features" in needs:
-        if block_summaries:
-            data["block_psi"] = redundancy_matrix(block_summaries)
-        if component_psis:
-            data["component_psis"] = component_psis
-        if linear_summaries:
-            data["linear_psi"] = redundancy_matrix(linear_summaries)
-        data["rm_tokens"] = int(token_index.numel())
-        data["rm_windows"] = acts.head(als.windows).total_windows  # the windows the RM rows came from
-    if "wanda" in needs:
-        data["lod"] = torch.tensor(lod, dtype=torch.float64)
-        data["mean_scores"] = torch.tensor(mean_scores, dtype=torch.float64)
-    return data
+                self.linear_summaries.extend(finished)
+        if "wanda" in self.needs:
+            norms = self._stats if stats is None else stats
+            scores = [F.wanda_scores(ref.weight_oi.float(), norms[ref.name].sq_norms) for ref in step.linears]
+            self.lod.append(outlier_ratio(scores, self.config.baselines.owl_m))
+            self.mean_scores.append(float(torch.cat([s.flatten() for s in scores]).mean()))
+        self._per_linear, self._stats = {}, {}
+
+    def result(self) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        if "features" in self.needs:
+            if self.block_summaries:
+                data["block_psi"] = redundancy_matrix(self.block_summaries)
+            if self.component_psis:
+                data["component_psis"] = self.component_psis
+            if self.linear_summaries:
+                data["linear_psi"] = redundancy_matrix(self.linear_summaries)
+            data["rm_tokens"] = int(self.token_index.numel())
+            data["rm_windows"] = self.acts.head(self.config.als.windows).total_windows  # the RM rows' windows
+        if "wanda" in self.needs:
+            data["lod"] = torch.tensor(self.lod, dtype=torch.float64)
+            data["mean_scores"] = torch.tensor(self.mean_scores, dtype=torch.float64)
+        return data
 
 
 def _feature_hooks(summaries: dict[str, FeatureSummary], side: str, acts: Activations):
@@ -122,17 +157,6 @@ def _feature_hooks(summaries: dict[str, FeatureSummary], side: str, acts: Activa
         return hook
 
     return {name: make(name) for name in summaries}
-
-
-def _chain(first, second):
-    if first is None:
-        return second
-
-    def both(x, y):
-        first(x, y)
-        second(x, y)
-
-    return both
 
 
 def _summarise(hidden: list[torch.Tensor], token_index, normalize: str, acts: Activations) -> FeatureSummary:

@@ -6,6 +6,7 @@ scored on held-out calibration windows, never on evaluation text.
    each block's statistics, then every linear pruned at every level of the grid
    (``target + j * step`` within ``target +- span``). Magnitude and Wanda store the mask (packed
    bits), SparseGPT the pruned weights; on disk, in the checkpoint directory when there is one.
+   Pass 1 (the warm starts' statistics) is collected on the same dense stream.
 2. **Warm start.** Uniform, ALS (graded, block level, every strength of its grid), OWL and ATP
    (every beta of its grid) from the same pass-1 data, each quantised to the grid with the budget
    exact, scored on the final selection windows; the best is the start, so the result is never
@@ -153,6 +154,7 @@ class LevelDatabase:
 
     def __init__(self, directory: Path, grid: LevelGrid, masks: bool) -> None:
         self.dir, self.grid, self.masks = directory, grid, masks
+        self.pass1: Optional[dict] = None  # what a pass 1 collected on the building stream (build_database)
         self._cache: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._cached_bytes = 0
 
@@ -211,8 +213,12 @@ def _db_fingerprint(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGr
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def build_database(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGrid, device, directory: Path) -> LevelDatabase:
-    """Every block pruned at every level from the dense model's inputs (fit windows), stored."""
+def build_database(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGrid, device, directory: Path,
+                   pass1=None) -> LevelDatabase:
+    """Every block pruned at every level from the dense model's inputs (fit windows), stored.
+    ``pass1``: ``(config, needs)`` of a pass 1 to collect on the same dense stream (the blocks then
+    run once for both; its result is ``db.pass1``, None when no stream ran: a database reused from
+    disk, or a pruner that needs no calibration)."""
     from .api import _capture
     from .capture import record_input_stats, stream_blocks
     from .pruning import PRUNERS
@@ -228,6 +234,12 @@ def build_database(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGri
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
     acts = _capture(model, fit, device, config) if pruner.needs_calibration else None
+    collector = None
+    if pass1 is not None and acts is not None:
+        from .pass1 import Collector
+
+        collector = Collector(acts, device, pass1[0], pass1[1])
+    wanda_stats = collector is not None and "wanda" in collector.needs
     offsets = grid.offsets()
     if acts is None:
         from .api import _steps_without_data
@@ -239,12 +251,17 @@ def build_database(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGri
         for step in steps:
             stats = {}
             if acts is not None:
-                stats = record_input_stats(step, pruner.needs_norms, pruner.needs_hessian, keep_outputs=True)
+                hooks = collector.start_block(step, own_stats=False) if collector is not None else None
+                stats = record_input_stats(step, pruner.needs_norms or wanda_stats, pruner.needs_hessian,
+                                           keep_outputs=True, hooks=hooks)
+                if collector is not None:
+                    collector.end_block(step, stats if wanda_stats else None)
             _store_levels(db, step, stats, pruner, config, [(o, level_pattern(config, grid, o)) for o in offsets])
             for st in stats.values():
                 st.forget_derived()
     marker.write_text(json.dumps({"key": key, "content": _db_fingerprint(model, fit, config, grid, with_compute=False),
                                   "levels": offsets}))
+    db.pass1 = collector.result() if collector is not None else None
     return db
 
 
@@ -523,9 +540,11 @@ def _warm_starts(model, config: PruneConfig, data: dict, grid: LevelGrid, sizes:
     return out
 
 
-def run(model, calibration: torch.Tensor, config: PruneConfig, data: dict, device,
-        state_dir: Optional[Path] = None) -> tuple[dict, dict]:
-    """The search: returns ({"sparsity": per block}, the record for the allocation diagnostics)."""
+def run(model, calibration: torch.Tensor, config: PruneConfig, data: Optional[dict], device,
+        state_dir: Optional[Path] = None, pass1=None) -> tuple[dict, dict, dict]:
+    """The search: returns ({"sparsity": per block}, the record for the allocation diagnostics, the
+    pass-1 data its warm starts used). ``data`` None: pass 1 (``pass1 = (config, needs)``) is
+    collected here, on the level database's stream of the fit windows when it runs one."""
     from .allocate import make_units
     from .strength import split
 
@@ -551,8 +570,17 @@ def run(model, calibration: torch.Tensor, config: PruneConfig, data: dict, devic
     try:
         timings = {}
         t0 = time.perf_counter()
-        db = build_database(model, fit, config, grid, device, work / DB_DIR)
+        db = build_database(model, fit, config, grid, device, work / DB_DIR, pass1=pass1 if data is None else None)
         timings["database_s"] = round(time.perf_counter() - t0, 2)
+        if data is None:
+            data = db.pass1
+            if data is None:  # no stream ran (a database from disk, a pruner without calibration)
+                from .api import _capture
+                from .pass1 import collect
+
+                t0 = time.perf_counter()
+                data = collect(model, _capture(model, fit, device, config), device, pass1[0], pass1[1])
+                timings["pass1_s"] = round(time.perf_counter() - t0, 2)
         scorer = Scorer(model, heldout, db, config, device, work)
         try:
             final = list(range(stages[-1].windows))
@@ -613,7 +641,7 @@ def run(model, calibration: torch.Tensor, config: PruneConfig, data: dict, devic
         }
         log.info("search: %d generations, fitness %.5f (start %s %.5f)", state.generation, state.parent_score,
                  warm[best][0], warm_scores[best])
-        return {"sparsity": sparsity}, {"search": record}
+        return {"sparsity": sparsity}, {"search": record}, data
     finally:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)

@@ -151,23 +151,22 @@ def test_the_fitness_reads_only_the_held_out_calibration_windows(monkeypatch):
 def test_the_warm_starts_statistics_read_only_the_fit_windows(monkeypatch):
     """Pass 1 (ALS's redundancy rows, OWL's Wanda statistics) sees none of the held-out windows the
     warm starts are then scored on; the RM rows come from the first ``als.windows`` windows."""
-    import alsparse.api as api
     import alsparse.pass1 as pass1
 
     model, ids = _planted()
     fit, _ = strength.split(ids)
     seen = {}
-    real_collect, real_select = api.collect_pass1, pass1.select_tokens
+    real_init, real_select = pass1.Collector.__init__, pass1.select_tokens
 
-    def collect(model, acts, device, config, needs):
+    def init(self, acts, device, config, needs):
         seen["windows"], seen["needs"] = acts.total_windows, needs
-        return real_collect(model, acts, device, config, needs)
+        real_init(self, acts, device, config, needs)
 
     def select(total_tokens, m, seed):
         seen["rm_tokens"] = total_tokens
         return real_select(total_tokens, m, seed)
 
-    monkeypatch.setattr(api, "collect_pass1", collect)
+    monkeypatch.setattr(pass1.Collector, "__init__", init)
     monkeypatch.setattr(pass1, "select_tokens", select)
     config = _config(budget=0)
     prune_(model, ids, config)
@@ -373,3 +372,29 @@ def test_prefix_reuse_releases_the_oldest_windows_instead_of_stopping(tmp_path, 
         assert sum(h.nbytes for _, o in reusing._kept.values() for h, _ in o) <= search.PREFIX_BYTES
     reusing.restore()
     assert reused == whole
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
+def test_pass1_on_the_databases_stream_equals_a_pass1_of_its_own(tmp_path, method):
+    """The search collects pass 1 on its level database's dense stream (magnitude, which streams
+    nothing, and a database reused from disk run it apart): the same statistics, the same search."""
+    from alsparse.allocate import allocation_needs
+    from alsparse.api import _capture, _pass1_on_fit_windows
+    from alsparse.pass1 import collect
+
+    model, ids = _planted()
+    config = _config(method, budget=36)
+    fit, _ = strength.split(ids)
+    pass1_config, needs = _pass1_on_fit_windows(config, ids), allocation_needs(config)
+    apart = collect(model, _capture(model, fit, torch.device("cpu"), config), torch.device("cpu"), pass1_config, needs)
+    found_a, record_a, data_a = search.run(model, ids, config, apart, torch.device("cpu"))
+    found_b, record_b, data_b = search.run(model, ids, config, None, torch.device("cpu"), state_dir=tmp_path,
+                                           pass1=(pass1_config, needs))
+    assert ("pass1_s" in record_b["search"]["seconds"]) == (method == "magnitude")
+    _, _, data_c = search.run(model, ids, config, None, torch.device("cpu"), state_dir=tmp_path,
+                              pass1=(pass1_config, needs))  # the database is reused: pass 1 runs apart
+    for data in (data_b, data_c):
+        assert data.keys() == apart.keys()
+        for key, value in apart.items():
+            assert torch.equal(data[key], value) if isinstance(value, torch.Tensor) else data[key] == value
+    assert found_a == found_b and record_a["search"]["trace"] == record_b["search"]["trace"]

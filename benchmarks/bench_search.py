@@ -19,23 +19,11 @@ import argparse
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-
-def _run(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return proc, wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+from bench_compute_dtype import _cpu_model, _run  # the same process runner and CPU name (benchmarks/ is on sys.path)
 
 
 def prune(method: str, allocation: str, final: str | None, out: Path, args) -> dict:
@@ -113,16 +101,6 @@ def _write(out: dict, args) -> None:
     tmp = args.json.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=2))
     tmp.replace(args.json)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -343,7 +343,8 @@ def test_search_grid_file_plans_the_issue_rows():
         assert not cell.search or cell.prune.allocation == "search"
     ablations = {(c.name, c.allocator_label) for c in pruned if c.name}
     assert ablations == {("budget", "search (budget=96)"), ("budget", "search (budget=192)"),
-                         ("budget", "search (budget=768)"), ("fitness", "search (fitness=kl)")}
+                         ("budget", "search (budget=768)"), ("fitness", "search (fitness=kl)"),
+                         ("final", "search (final=assembled)")}
     budget_96 = next(c for c in pruned if c.search == {"budget": 96})
     assert budget_96.prune.search.budget == 96 and budget_96.config()["search"] == {"budget": 96}
     assert "search" not in main_grid[0].config(), "cells without search options keep the ids recorded before them"

@@ -12,7 +12,7 @@ from . import compute, distributed
 from .allocate import Allocation, allocate, allocation_needs, block_prefix
 from .capture import BlockStep, capture_block_inputs, record_input_stats, stream_blocks
 from .checkpoint import BlockCheckpoints, run_fingerprint
-from .config import PruneConfig
+from .config import PruneConfig, search_final
 from .data.calibration import fingerprint
 from .lazy import release_resident, restore_resident
 from .memory import release_freed_memory
@@ -85,7 +85,7 @@ def prune_(
 def _prune(model, calibration, config, calibration_info, pass1_cache, checkpoint, resume, on_block, pruner, device,
            needs, given=None) -> PruneReport:
     hunting = config.allocation == "search" and given is None
-    assembled = hunting and config.search.final == "assembled"
+    assembled = hunting and search_final(config.search.final, config.method) == "assembled"
     scratch = None  # the search's level database outlives the search when the model is assembled from it
     if hunting and checkpoint is None and assembled:
         import tempfile
@@ -208,7 +208,8 @@ def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_ca
 
             with timer("strength_search"):
                 config, search = select(model, calibration, config, data, device)
-        if pruner.needs_calibration and not (hunting and config.search.final == "assembled"):
+        assembles = hunting and search_final(config.search.final, config.method) == "assembled"
+        if pruner.needs_calibration and not assembles:
             restore_resident(model)  # from disk: the search released the embeddings again
             with timer("capture"):
                 acts = _capture(model, calibration, device, config)

@@ -185,9 +185,10 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--search-span", type=float, default=0.2,
                    help="levels stay within target +- span (default 0.2; N:M: at least one step, 1/M)")
     g.add_argument("--search-offspring", type=int, default=16, help="children per generation (default 16)")
-    g.add_argument("--search-final", default="sequential", choices=("sequential", "assembled"),
-                   help="the final model: pruned again block after block with the found ratios (default) | "
-                        "assembled from the level database, i.e. the model the search scored (no further pass)")
+    g.add_argument("--search-final", default="auto", choices=("auto", "sequential", "assembled"),
+                   help="the final model: auto (default): assembled for magnitude and Wanda, sequential for "
+                        "SparseGPT | sequential: pruned again block after block with the found ratios | "
+                        "assembled: from the level database, i.e. the model the search scored (no further pass)")
 
 
 def _search_options(args):

@@ -109,6 +109,18 @@ class BaselineOptions:
     atp_grid: int = 5
 
 
+SEARCH_FINALS = ("auto", "sequential", "assembled")
+MASK_PRUNERS = ("magnitude", "wanda")  # their pruned weight is the dense weight with a mask applied
+
+
+def search_final(final: str, method: str) -> str:
+    """How the searched allocation's final model is made: ``final`` itself, or for ``auto`` assembled
+    for the mask pruners and sequential for the others (SparseGPT)."""
+    if final != "auto":
+        return final
+    return "assembled" if method in MASK_PRUNERS else "sequential"
+
+
 @dataclass(frozen=True)
 class SearchOptions:
     """The searched allocation (``allocation="search"``, alsparse.search): an evolution over per-block
@@ -118,8 +130,10 @@ class SearchOptions:
     the last keeps one child, scored on the first windows of the held-out set (tokens None: the
     whole window). ``final``: how the final model is made from the found allocation: pruned again
     block after block (``sequential``: each block's statistics from the already pruned blocks'
-    outputs, all calibration windows) or assembled from the level database (``assembled``: the
-    model the search scored, no further pass)."""
+    outputs, all calibration windows), assembled from the level database (``assembled``: the
+    model the search scored, no further pass), or ``auto`` (default): assembled for the mask
+    pruners (magnitude, Wanda), sequential for SparseGPT, whose weight update gains from the pruned
+    blocks' inputs (the evidence on held-out calibration windows: docs/ALLOCATION.md)."""
 
     budget: Optional[int] = None
     step: float = 0.05
@@ -129,7 +143,7 @@ class SearchOptions:
     max_flips: int = 3
     fitness: str = "loss"  # loss: next-token NLL | kl: KL(dense || candidate) over the vocabulary
     warm_start: tuple[str, ...] = ("uniform", "als", "owl", "atp")
-    final: str = "sequential"  # sequential | assembled
+    final: str = "auto"  # auto | sequential | assembled
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple((int(a), int(b), None if c is None else int(c)) for a, b, c in self.stages))
@@ -141,7 +155,7 @@ class SearchOptions:
         if self.offspring < 1 or self.max_flips < 1:
             raise ValueError("search offspring and max_flips must be >= 1")
         _choice("search fitness", self.fitness, ("loss", "kl"))
-        _choice("search final", self.final, ("sequential", "assembled"))
+        _choice("search final", self.final, SEARCH_FINALS)
         for name in self.warm_start:
             _choice("search warm start", name, ("uniform", "als", "owl", "atp"))
         if "uniform" not in self.warm_start:

@@ -19,10 +19,12 @@ scored on held-out calibration windows, never on evaluation text.
 4. **Confirmation.** Each generation scores on a sample of the held-out windows; the evolved
    allocation and its start are then scored on all of them and the better is kept (the report's
    ``confirm``), so the result is never worse than the best warm start on the held-out set.
-5. The dense weights are put back; the engine then prunes the model sequentially with the found
-   per-block ratios (exact achieved sparsity as for every allocator), or, with ``final="assembled"``,
-   writes each block's chosen level from the database (the model the search scored, no further
-   pass). Either way the final model's NLL on the held-out windows is reported.
+5. The dense weights are put back; the engine then writes each block's chosen level from the
+   database (``final="assembled"``: the model the search scored, no further pass; the ``auto``
+   default for magnitude and Wanda) or prunes the model sequentially with the found per-block
+   ratios (``sequential``, the ``auto`` default for SparseGPT, whose weight update gains from the
+   pruned blocks' inputs); exact achieved sparsity either way. The final model's NLL on the
+   held-out windows is reported.
 
 With a checkpoint directory the state is saved after every generation and ``--resume`` continues
 the search where it stopped (the same allocation as an uninterrupted run).
@@ -57,11 +59,10 @@ from .allocation.evolution import (
     quantize,
     size_groups,
 )
-from .config import Pattern, PruneConfig
+from .config import MASK_PRUNERS, Pattern, PruneConfig, search_final
 
 log = logging.getLogger(__name__)
 
-MASK_PRUNERS = ("magnitude", "wanda")  # their pruned weight is the dense weight with a mask applied
 STATE_FILE = "search_state.json"
 DB_DIR = "search_db"
 CACHE_BYTES = 256 << 20  # levels read back from disk kept in memory (masks are 1/32 of fp32 weights)
@@ -633,7 +634,8 @@ def run(model, calibration: torch.Tensor, config: PruneConfig, data: Optional[di
             "trace": state.trace,
             "confirm": check,
             "offsets": chosen,
-            "final": opts.final,  # how the engine makes the final model from it (the api adds final_heldout_nll)
+            # how the engine makes the final model from it (the api adds final_heldout_nll)
+            "final": search_final(opts.final, config.method),
             # the chosen allocation assembled from the database on every held-out window, in the fitness's unit
             # (with the loss fitness: the assembled model's final_heldout_nll, to compare with a sequential one)
             "assembled_heldout_fitness": assembled_nll,

@@ -308,11 +308,29 @@ def test_an_assembly_killed_mid_way_resumes_to_the_uninterrupted_masks(tmp_path,
 
 
 def test_a_sequential_final_model_reports_its_held_out_loss_and_bad_finals_are_refused():
-    record = _record(prune_(*_planted(), _config(budget=60)))
+    record = _record(prune_(*_planted(), _config(budget=60, final="sequential")))
     assert record["final"] == "sequential" and 0 < record["final_heldout_nll"] < 20
     assert 0 < record["assembled_heldout_fitness"] < 20
-    with pytest.raises(ValueError, match="search final 'stitched' is not valid; choose one of: sequential, assembled"):
+    with pytest.raises(ValueError, match="search final 'stitched' is not valid; choose one of: auto, sequential, assembled"):
         SearchOptions(final="stitched")
+
+
+@pytest.mark.parametrize("method,way", [("wanda", "assembled"), ("magnitude", "assembled"), ("sparsegpt", "sequential")])
+def test_the_default_final_model_is_assembled_for_mask_pruners_and_sequential_for_sparsegpt(monkeypatch, method, way):
+    import alsparse.api as api
+
+    assert SearchOptions().final == "auto"
+    passes = {"sequential": 0, "assembled": 0}
+    for name, key in (("_prune_blocks", "sequential"), ("_assemble_blocks", "assembled")):
+        real = getattr(api, name)
+
+        def counted(*args, _real=real, _key=key, **kwargs):
+            passes[_key] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(api, name, counted)
+    report = prune_(*_planted(), _config(method, budget=60))
+    assert _record(report)["final"] == way and passes == {way: 1, ({"sequential", "assembled"} - {way}).pop(): 0}
+    assert abs(report.achieved_sparsity - 0.6) < 1e-4
 
 
 @pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("magnitude", "unstructured"), ("wanda", "2:4")])

@@ -18,7 +18,9 @@ from urllib.parse import quote
 
 log = logging.getLogger(__name__)
 
-STAGES = ("load", "calibration", "atp_search", "strength_search", "capture", "pass1", "allocation", "prune", "eval")
+STAGES = ("load", "calibration", "atp_search", "strength_search", "search", "capture", "pass1", "allocation", "prune",
+          "heldout", "eval")
+NOT_PRUNING = ("load", "calibration", "eval", "checkpoint")  # stages of a cell that are not the prune's own work
 
 
 class ResultsFileError(ValueError):
@@ -677,8 +679,51 @@ def _cost_section(pruned: Sequence[dict], dense: Sequence[dict]) -> list[str]:
                             "peak RSS GiB"], table)
         lines.append("")
         lines += _stage_peaks_table(groups)
+        lines += _allocator_cost_table(recs)
         lines += _als_overhead_table(recs)
     return lines
+
+
+def _pruning_seconds(record: dict, fresh_pass1: Mapping[tuple, float]) -> float:
+    """A cell's pruning work (every stage but loading, calibration sampling and evaluation), as one
+    ``alsparse prune`` would pay it: a pass 1 the sweep reused from an earlier cell is counted at the
+    mean of the cells of the same pruner and allocator that ran theirs."""
+    timings = record.get("timings_s") or {}
+    total = sum(v for k, v in timings.items() if k not in NOT_PRUNING)
+    if record.get("pass1_reused") and "pass1" in timings:
+        total += fresh_pass1.get(_cost_key(record), 0.0) - timings["pass1"]
+    return total
+
+
+def _cost_key(record: dict) -> tuple:
+    return record["config"]["method"], record["label"]
+
+
+def _allocator_cost_table(records: Sequence[dict]) -> list[str]:
+    """Each allocator's pruning work as a multiple of one uniform prune of the same pruner (the
+    uniform cells of the same model in this sweep, timed alone); an ablation is its own row."""
+    pruned = [r for r in records if r["kind"] != "dense" and r.get("timings_s")]
+    ran = _groups([r for r in pruned if not r.get("pass1_reused") and "pass1" in r["timings_s"]], _cost_key)
+    fresh = {key: sum(r["timings_s"]["pass1"] for r in group) / len(group) for key, group in ran.items()}
+    groups = _groups(pruned, _cost_key)
+    uniform = {method: [_pruning_seconds(r, fresh) for r in group] for (method, label), group in groups.items()
+               if label == "uniform"}
+    if not any(label != "uniform" for _, label in groups) or not uniform:
+        return []
+    table = []
+    for (method, label), group in groups.items():
+        seconds = [_pruning_seconds(r, fresh) for r in group]
+        mean = sum(seconds) / len(seconds)
+        base = uniform.get(method)
+        ratio = f"{mean / (sum(base) / len(base)):.1f}x" if base else "-"
+        spread = f"{min(seconds):.0f}-{max(seconds):.0f}" if len(seconds) > 1 else f"{mean:.0f}"
+        table.append([method, label, str(len(group)), _fmt(mean, 1), spread, ratio])
+    return ["Each allocator's cost as a multiple of one uniform prune of the same pruner in this sweep: pruning "
+            "seconds = every stage of the cell but loading, calibration sampling and evaluation (pass 1, any "
+            "strength search or searched allocation, the pruning pass, the held-out scoring); a pass 1 the sweep "
+            "reused from an earlier cell is counted at the mean of the same pruner and allocator's cells that ran "
+            "it, as one `alsparse prune` would pay it.", "",
+            *_md_table(["method", "allocator", "cells", "pruning s", "range s", "x uniform"], table), ""]
 
 
 def _stage_peaks_table(groups: Mapping[tuple, list[dict]]) -> list[str]:

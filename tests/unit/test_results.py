@@ -211,6 +211,23 @@ def test_cost_shows_stage_peaks_and_the_als_overhead_per_pruner():
     assert "| wanda | 1 | 30.0 | 1.50 | 155.0 | 20% |" in cost  # (30 + 1.5) / 155
 
 
+def test_cost_gives_each_allocator_as_a_multiple_of_one_uniform_prune_of_the_same_pruner():
+    uniform = [record(seed=s) for s in (0, 1)]
+    uniform[0]["timings_s"] = {"load": 9.0, "capture": 1.0, "pass1": 0.0, "prune": 79.0, "eval": 50.0}
+    uniform[1]["timings_s"] = {"load": 9.0, "capture": 1.0, "pass1": 0.0, "prune": 99.0, "eval": 50.0}  # mean 90
+    fresh = record(allocation="search", sparsity=0.6)
+    fresh["timings_s"] = {"load": 1.0, "pass1": 40.0, "search": 700.0, "prune": 80.0, "heldout": 10.0, "eval": 99.0}
+    reused = record(allocation="search", sparsity=0.7)  # the sweep's cached pass 1: counted at the fresh cell's 40
+    reused["timings_s"] = {"pass1": 0.0, "search": 660.0, "prune": 80.0, "heldout": 10.0, "eval": 99.0}
+    reused["pass1_reused"] = True
+    sgpt = record(method="sparsegpt", allocation="search")  # no uniform SparseGPT cell: no multiple
+    cost = build_report([*uniform, fresh, reused, sgpt], figures=False).markdown.split("## Cost")[1]
+    assert "| wanda | uniform | 2 | 90.0 | 80-100 | 1.0x |" in cost
+    assert "| wanda | search | 2 | 810.0 | 790-830 | 9.0x |" in cost  # (830 + 790) / 2 / 90
+    assert "| sparsegpt | search | 1 | 13.0 | 13 | - |" in cost
+    assert "search s" in cost and "heldout s" in cost, "the search's own stages have columns"
+
+
 def test_write_report_writes_markdown_and_one_figure_per_method(tmp_path):
     records = [record(kind="dense", ppl=19.0)]
     for allocation, values in {"uniform": (40, 80, 600), "als": (38, 70, 560), "owl": (41, 75, 500)}.items():

@@ -46,6 +46,7 @@ def prune(method: str, allocation: str, final: str | None, out: Path, args) -> d
         row["search"] = {key: record.get(key) for key in (
             "start", "start_fitness", "final_fitness", "generations", "window_forwards", "evolution_block_fraction",
             "confirm", "assembled_heldout_fitness", "final_heldout_nll", "seconds")}
+        row["final"] = record.get("final")  # the way the engine made it (auto resolved per pruner)
     if args.eval:
         row["ppl"] = evaluate(str(out), args)
     return row

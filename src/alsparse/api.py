@@ -180,16 +180,16 @@ def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_ca
     if (pruner.needs_calibration and not searching) or (needs and cached is None and not merged):
         with timer("capture"):
             acts = _capture(model, pass1_input, device, config)
-    with timer("pass1"):
-        if cached is not None:
-            log.info("pass 1: reusing the cached dense statistics")
-            data = cached
-        elif merged:
-            data = None
-        else:
-            data = collect_pass1(model, acts, device, pass1_config, needs) if needs else {}
-            if key is not None:
-                pass1_cache[key] = data
+    data = None  # merged: collected inside the search (its stage holds the time; no pass-1 stage)
+    if not merged:
+        with timer("pass1"):
+            if cached is not None:
+                log.info("pass 1: reusing the cached dense statistics")
+                data = cached
+            else:
+                data = collect_pass1(model, acts, device, pass1_config, needs) if needs else {}
+                if key is not None:
+                    pass1_cache[key] = data
     search = {}
     if searching:
         _check_calibration(calibration)

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 from urllib.parse import quote
 
 log = logging.getLogger(__name__)
@@ -684,45 +684,56 @@ def _cost_section(pruned: Sequence[dict], dense: Sequence[dict]) -> list[str]:
     return lines
 
 
-def _pruning_seconds(record: dict, fresh_pass1: Mapping[tuple, float]) -> float:
+def _pruning_seconds(record: dict, fresh_pass1: Mapping[str, float]) -> Optional[float]:
     """A cell's pruning work (every stage but loading, calibration sampling and evaluation), as one
     ``alsparse prune`` would pay it: a pass 1 the sweep reused from an earlier cell is counted at the
-    mean of the cells of the same pruner and allocator that ran theirs."""
+    mean of the cells of the same allocator that ran theirs in a stage of its own (pass 1 runs on the
+    dense model: the pruner does not change it); None when there is no such cell. A searched
+    allocation collecting pass 1 on its level database's stream has no pass-1 stage: the time is in
+    its search stage."""
     timings = record.get("timings_s") or {}
     total = sum(v for k, v in timings.items() if k not in NOT_PRUNING)
     if record.get("pass1_reused") and "pass1" in timings:
-        total += fresh_pass1.get(_cost_key(record), 0.0) - timings["pass1"]
+        if record["label"] not in fresh_pass1:
+            return None
+        total += fresh_pass1[record["label"]] - timings["pass1"]
     return total
-
-
-def _cost_key(record: dict) -> tuple:
-    return record["config"]["method"], record["label"]
 
 
 def _allocator_cost_table(records: Sequence[dict]) -> list[str]:
     """Each allocator's pruning work as a multiple of one uniform prune of the same pruner (the
-    uniform cells of the same model in this sweep, timed alone); an ablation is its own row."""
+    unnamed uniform cells of the same model in this sweep, timed alone); each ablation's cells are
+    rows of their own."""
     pruned = [r for r in records if r["kind"] != "dense" and r.get("timings_s")]
-    ran = _groups([r for r in pruned if not r.get("pass1_reused") and "pass1" in r["timings_s"]], _cost_key)
-    fresh = {key: sum(r["timings_s"]["pass1"] for r in group) / len(group) for key, group in ran.items()}
-    groups = _groups(pruned, _cost_key)
-    uniform = {method: [_pruning_seconds(r, fresh) for r in group] for (method, label), group in groups.items()
-               if label == "uniform"}
-    if not any(label != "uniform" for _, label in groups) or not uniform:
+    ran = _groups([r for r in pruned if not r.get("pass1_reused") and "pass1" in r["timings_s"]], lambda r: r["label"])
+    fresh = {label: sum(r["timings_s"]["pass1"] for r in group) / len(group) for label, group in ran.items()}
+    groups = _groups(pruned, lambda r: (r["config"]["method"], r["label"], r.get("name") or ""))
+    uniform = {}
+    for (method, label, name), group in groups.items():
+        if label == "uniform" and not name:
+            uniform[method] = [_pruning_seconds(r, fresh) for r in group]
+    if not any(label != "uniform" or name for _, label, name in groups) or not uniform:
         return []
-    table = []
-    for (method, label), group in groups.items():
+    table, unknown = [], 0
+    for (method, label, name), group in groups.items():
         seconds = [_pruning_seconds(r, fresh) for r in group]
+        if any(x is None for x in seconds):
+            unknown += 1
+            table.append([method, f"[{name}] {label}" if name else label, str(len(group)), "-", "-", "-"])
+            continue
         mean = sum(seconds) / len(seconds)
         base = uniform.get(method)
         ratio = f"{mean / (sum(base) / len(base)):.1f}x" if base else "-"
         spread = f"{min(seconds):.0f}-{max(seconds):.0f}" if len(seconds) > 1 else f"{mean:.0f}"
-        table.append([method, label, str(len(group)), _fmt(mean, 1), spread, ratio])
-    return ["Each allocator's cost as a multiple of one uniform prune of the same pruner in this sweep: pruning "
-            "seconds = every stage of the cell but loading, calibration sampling and evaluation (pass 1, any "
-            "strength search or searched allocation, the pruning pass, the held-out scoring); a pass 1 the sweep "
-            "reused from an earlier cell is counted at the mean of the same pruner and allocator's cells that ran "
-            "it, as one `alsparse prune` would pay it.", "",
+        table.append([method, f"[{name}] {label}" if name else label, str(len(group)), _fmt(mean, 1), spread, ratio])
+    note = (f" {unknown} row(s) reused a pass 1 no cell of their allocator ran in a stage of its own: no figure."
+            if unknown else "")
+    return ["Each allocator's cost as a multiple of one uniform prune of the same pruner in this sweep (the "
+            "main grid's uniform cells): pruning seconds = every stage of the cell but loading, calibration "
+            "sampling and evaluation (pass 1, any strength search or searched allocation, the pruning pass, the "
+            "held-out scoring); a pass 1 the sweep reused from an earlier cell is counted at the mean of the "
+            "same allocator's cells that ran it, as one `alsparse prune` would pay it; [name] = an ablation's "
+            "cells." + note, "",
             *_md_table(["method", "allocator", "cells", "pruning s", "range s", "x uniform"], table), ""]
 
 

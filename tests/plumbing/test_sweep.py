@@ -339,15 +339,25 @@ def test_search_grid_file_plans_the_issue_rows():
     assert len(main_grid) == 24
     for cell in pruned:
         assert cell.eval["ppl"] == ["wikitext2", "ptb"] and cell.eval["limit"] == 40
-        assert bool(cell.eval["tasks"]) == (cell.prune.sparsity == 0.7 and cell.name is None)
+        like_main = cell.name is None or (cell.name == "final" and cell.prune.method == "wanda")
+        assert bool(cell.eval["tasks"]) == (cell.prune.sparsity == 0.7 and like_main)
         assert not cell.search or cell.prune.allocation == "search"
-    ablations = {(c.name, c.allocator_label) for c in pruned if c.name}
-    assert ablations == {("budget", "search (budget=96)"), ("budget", "search (budget=192)"),
-                         ("budget", "search (budget=768)"), ("fitness", "search (fitness=kl)"),
-                         ("final", "search (final=assembled)")}
-    budget_96 = next(c for c in pruned if c.search == {"budget": 96})
-    assert budget_96.prune.search.budget == 96 and budget_96.config()["search"] == {"budget": 96}
+    ablations = {(c.name, c.prune.method, c.allocator_label) for c in pruned if c.name}
+    assert ablations == {("budget", "wanda", "search (budget=96)"), ("budget", "wanda", "search (budget=192)"),
+                         ("budget", "wanda", "search (budget=768)"), ("fitness", "wanda", "search (fitness=kl)"),
+                         ("final", "wanda", "search (final=sequential)"), ("final", "sparsegpt", "search (final=assembled)")}
+    budget_96 = next(c for c in pruned if c.search.get("budget") == 96)
+    assert budget_96.prune.search.budget == 96
+    assert budget_96.config()["search"] == {"budget": 96, "final": "assembled"}  # Wanda's default way, named
     assert "search" not in main_grid[0].config(), "cells without search options keep the ids recorded before them"
+    # the way the final model is made is in a cell's identity unless it is sequential (what the first
+    # search cells were recorded with): SparseGPT's default cells keep their ids, Wanda's do not
+    searched = {(c.name, c.prune.method): c for c in pruned if c.prune.allocation == "search"
+                and c.prune.sparsity == 0.7 and c.prune.seed == 0 and c.name in (None, "final")}
+    assert searched[(None, "sparsegpt")].config().get("search") is None
+    assert searched[(None, "wanda")].config()["search"] == {"final": "assembled"}
+    assert searched[("final", "wanda")].config().get("search") is None
+    assert searched[("final", "sparsegpt")].config()["search"] == {"final": "assembled"}
     assert len({c.id for c in spec.cells}) == len(spec.cells)
 
 
@@ -360,7 +370,8 @@ def test_a_search_cell_runs_with_its_options(tiny_model_dir, tmp_path, capsys):
     records = {r["label"]: r for r in _lines(results)}
     assert set(records) == {"uniform", "search (budget=4, step=0.1)"}
     searched = records["search (budget=4, step=0.1)"]
-    assert searched["config"]["search"] == {"budget": 4, "step": 0.1} and "search" not in records["uniform"]["config"]
+    assert searched["config"]["search"] == {"budget": 4, "step": 0.1, "final": "assembled"}  # magnitude: assembled
+    assert "search" not in records["uniform"]["config"]
     levels = {round(s, 6) for s in searched["allocation"]["sparsity"]}
     assert levels <= {0.3, 0.4, 0.5, 0.6, 0.7}, levels  # on the searched grid: target +- span in steps of 0.1
     assert abs(searched["achieved_sparsity"] - 0.5) < 1e-4
@@ -639,4 +650,4 @@ def test_a_cells_search_records_reach_the_results_file(tiny_model_dir, tmp_path)
     assert "search" not in atp
     found = cells["search"]["allocation"]["search"]
     assert found["warm_starts"] and found["offsets"] and "evolution_s" in found["seconds"]
-    assert found["final"] == "sequential" and found["final_heldout_nll"] > 0
+    assert found["final"] == "assembled" and found["final_heldout_nll"] > 0  # Wanda's default way

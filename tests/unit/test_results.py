@@ -220,11 +220,22 @@ def test_cost_gives_each_allocator_as_a_multiple_of_one_uniform_prune_of_the_sam
     reused = record(allocation="search", sparsity=0.7)  # the sweep's cached pass 1: counted at the fresh cell's 40
     reused["timings_s"] = {"pass1": 0.0, "search": 660.0, "prune": 80.0, "heldout": 10.0, "eval": 99.0}
     reused["pass1_reused"] = True
-    sgpt = record(method="sparsegpt", allocation="search")  # no uniform SparseGPT cell: no multiple
-    cost = build_report([*uniform, fresh, reused, sgpt], figures=False).markdown.split("## Cost")[1]
+    sgpt = record(method="sparsegpt", allocation="search", sparsity=0.7)  # pass 1 from Wanda's search cell
+    sgpt["timings_s"] = {"pass1": 0.0, "search": 900.0, "prune": 150.0}
+    sgpt["pass1_reused"] = True
+    merged = record(method="sparsegpt", allocation="search", sparsity=0.6)  # pass 1 inside its search stage
+    merged["timings_s"] = {"search": 1000.0, "prune": 150.0}
+    owl = record(allocation="owl")  # reused a pass 1 no OWL cell ran: no figure rather than a wrong one
+    owl["pass1_reused"] = True
+    ablation = record(name="calib_size", varied={"calibration.nsamples": 8}, nsamples=8)  # not the baseline
+    ablation["timings_s"] = {"prune": 900.0}
+    cost = build_report([*uniform, fresh, reused, sgpt, merged, owl, ablation],
+                        figures=False).markdown.split("## Cost")[1]
     assert "| wanda | uniform | 2 | 90.0 | 80-100 | 1.0x |" in cost
     assert "| wanda | search | 2 | 810.0 | 790-830 | 9.0x |" in cost  # (830 + 790) / 2 / 90
-    assert "| sparsegpt | search | 1 | 13.0 | 13 | - |" in cost
+    assert "| sparsegpt | search | 2 | 1120.0 | 1090-1150 | - |" in cost  # no uniform SparseGPT cell: no multiple
+    assert "| wanda | owl | 1 | - | - | - |" in cost and "1 row(s) reused a pass 1" in cost
+    assert "| wanda | [calib_size] uniform | 1 | 900.0 | 900 | 10.0x |" in cost
     assert "search s" in cost and "heldout s" in cost, "the search's own stages have columns"
 
 

@@ -532,8 +532,13 @@ NOT_VARIED = "(not affected)"
 
 
 def _varied_label(record: dict) -> str:
+    """The varied axes' values; for a cell of a one-value ablation (nothing varied), the options its
+    label names, e.g. ``final=sequential`` of ``search (final=sequential)``."""
     varied = record.get("varied") or {}
-    return ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in varied.items()) or NOT_VARIED
+    text = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in varied.items())
+    if not text and record.get("label", "").endswith(")") and " (" in record["label"]:
+        text = record["label"].split(" (", 1)[1][:-1]
+    return text or NOT_VARIED
 
 
 def _base_label(record: dict) -> str:

@@ -239,6 +239,13 @@ def test_cost_gives_each_allocator_as_a_multiple_of_one_uniform_prune_of_the_sam
     assert "search s" in cost and "heldout s" in cost, "the search's own stages have columns"
 
 
+def test_a_one_value_ablation_names_its_value_from_the_label():
+    cells = [record(allocation="search", name="final", label="search (final=sequential)", seed=s, ppl=p)
+             for s, p in ((0, 150.0), (1, 140.0))]
+    ablation = build_report(cells, figures=False).markdown.split("### Ablation `final`")[1]
+    assert _rows(ablation, "| final=sequential |") == ["| final=sequential | 145.00 ± 5.00 |"], ablation
+
+
 def test_write_report_writes_markdown_and_one_figure_per_method(tmp_path):
     records = [record(kind="dense", ppl=19.0)]
     for allocation, values in {"uniform": (40, 80, 600), "als": (38, 70, 560), "owl": (41, 75, 500)}.items():

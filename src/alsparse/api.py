@@ -132,7 +132,7 @@ def _prune_in(model, calibration, config, calibration_info, pass1_cache, checkpo
                 acts = _capture(model, calibration, device, config)
     else:
         config, acts, allocation = _allocate(model, calibration, config, pruner, needs, device, timer, pass1_cache,
-                                             search_dir)
+                                             search_dir, assembled)
         if checkpoint is not None:
             checkpoint.save_allocation(allocation.state())
     with timer("prune"):
@@ -155,11 +155,13 @@ def _prune_in(model, calibration, config, calibration_info, pass1_cache, checkpo
     return report
 
 
-def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_cache, search_dir=None):
+def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_cache, search_dir=None,
+              assembled=False):
     """The capture, pass 1 (or its cached result), the strength search the config leaves open
     (ATP's beta, graded ALS's strength) or the searched allocation, and the allocator.
     ``search_dir``: where the searched allocation keeps its state and level database (None: a
-    temporary directory of its own)."""
+    temporary directory of its own); ``assembled``: its final model is assembled from that database
+    (no pruning pass, so no capture for one)."""
     hunting = config.allocation == "search"
     searching = hunting or _searches(model, config)
     # the search's held-out windows stay out of the importance too
@@ -208,8 +210,7 @@ def _allocate(model, calibration, config, pruner, needs, device, timer, pass1_ca
 
             with timer("strength_search"):
                 config, search = select(model, calibration, config, data, device)
-        assembles = hunting and search_final(config.search.final, config.method) == "assembled"
-        if pruner.needs_calibration and not assembles:
+        if pruner.needs_calibration and not assembled:
             restore_resident(model)  # from disk: the search released the embeddings again
             with timer("capture"):
                 acts = _capture(model, calibration, device, config)

@@ -189,13 +189,17 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
                    help="the final model: auto (default): assembled for magnitude and Wanda, sequential for "
                         "SparseGPT | sequential: pruned again block after block with the found ratios | "
                         "assembled: from the level database, i.e. the model the search scored (no further pass)")
+    g.add_argument("--search-database", default="dense", choices=("dense", "sequential"),
+                   help="the inputs each block's levels are pruned from: dense (default): the dense model's | "
+                        "sequential: the model's pruned uniformly at the target block by block")
 
 
 def _search_options(args):
     from .config import SearchOptions
 
     return SearchOptions(budget=args.search_budget, fitness=args.search_fitness, step=args.search_step,
-                         span=args.search_span, offspring=args.search_offspring, final=args.search_final)
+                         span=args.search_span, offspring=args.search_offspring, final=args.search_final,
+                         database=args.search_database)
 
 
 def _baseline_options(args):

@@ -110,6 +110,7 @@ class BaselineOptions:
 
 
 SEARCH_FINALS = ("auto", "sequential", "assembled")
+SEARCH_DATABASES = ("dense", "sequential")  # the inputs each block's levels are pruned from
 MASK_PRUNERS = ("magnitude", "wanda")  # their pruned weight is the dense weight with a mask applied
 
 
@@ -133,7 +134,11 @@ class SearchOptions:
     outputs, all calibration windows), assembled from the level database (``assembled``: the
     model the search scored, no further pass), or ``auto`` (default): assembled for the mask
     pruners (magnitude, Wanda), sequential for SparseGPT, whose weight update gains from the pruned
-    blocks' inputs (the evidence on held-out calibration windows: docs/ALLOCATION.md)."""
+    blocks' inputs (the evidence on held-out calibration windows: docs/ALLOCATION.md).
+    ``database``: the inputs each block's levels are pruned from: the dense model's (``dense``,
+    default, as EvoPress) or those of the model pruned uniformly at the target block by block
+    (``sequential``: the statistics a sequential prune near the target sees; pass 1 then runs apart
+    on the dense stream)."""
 
     budget: Optional[int] = None
     step: float = 0.05
@@ -144,6 +149,7 @@ class SearchOptions:
     fitness: str = "loss"  # loss: next-token NLL | kl: KL(dense || candidate) over the vocabulary
     warm_start: tuple[str, ...] = ("uniform", "als", "owl", "atp")
     final: str = "auto"  # auto | sequential | assembled
+    database: str = "dense"  # dense | sequential
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple((int(a), int(b), None if c is None else int(c)) for a, b, c in self.stages))
@@ -156,6 +162,7 @@ class SearchOptions:
             raise ValueError("search offspring and max_flips must be >= 1")
         _choice("search fitness", self.fitness, ("loss", "kl"))
         _choice("search final", self.final, SEARCH_FINALS)
+        _choice("search database", self.database, SEARCH_DATABASES)
         for name in self.warm_start:
             _choice("search warm start", name, ("uniform", "als", "owl", "atp"))
         if "uniform" not in self.warm_start:

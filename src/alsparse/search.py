@@ -6,7 +6,10 @@ scored on held-out calibration windows, never on evaluation text.
    each block's statistics, then every linear pruned at every level of the grid
    (``target + j * step`` within ``target +- span``). Magnitude and Wanda store the mask (packed
    bits), SparseGPT the pruned weights; on disk, in the checkpoint directory when there is one.
-   Pass 1 (the warm starts' statistics) is collected on the same dense stream.
+   Pass 1 (the warm starts' statistics) is collected on the same dense stream. With
+   ``database="sequential"`` each block's levels are pruned from the inputs of the model pruned
+   uniformly at the target block by block instead (what a sequential prune sees; SparseGPT's
+   weight update depends on it); pass 1 then runs apart on the dense stream.
 2. **Warm start.** Uniform, ALS (graded, block level, every strength of its grid), OWL and ATP
    (every beta of its grid) from the same pass-1 data, each quantised to the grid with the budget
    exact, scored on the final selection windows; the best is the start, so the result is never
@@ -208,7 +211,7 @@ def _db_fingerprint(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGr
 
     parts = {"model": model_fingerprint(model), "fit": fingerprint(fit), "method": config.method,
              "grid": dataclasses.asdict(grid), "pattern": str(config.parsed_pattern), "damp": config.sparsegpt_damp,
-             "blocksize": config.sparsegpt_blocksize}
+             "blocksize": config.sparsegpt_blocksize, "inputs": config.search.database}
     if with_compute:
         parts["compute"] = compute.name(compute.active())
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -216,10 +219,12 @@ def _db_fingerprint(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGr
 
 def build_database(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGrid, device, directory: Path,
                    pass1=None) -> LevelDatabase:
-    """Every block pruned at every level from the dense model's inputs (fit windows), stored.
-    ``pass1``: ``(config, needs)`` of a pass 1 to collect on the same dense stream (the blocks then
-    run once for both; its result is ``db.pass1``, None when no stream ran: a database reused from
-    disk, or a pruner that needs no calibration)."""
+    """Every block pruned at every level, stored: from the dense model's inputs (fit windows), or with
+    ``config.search.database == "sequential"`` from the inputs of the model pruned uniformly at the
+    target block by block (each block's level 0 written for its forward, then the dense weights put
+    back: the model leaves dense). ``pass1``: ``(config, needs)`` of a pass 1 to collect on the same
+    dense stream (the blocks then run once for both; its result is ``db.pass1``, None when no dense
+    stream ran: a sequential database, one reused from disk, or a pruner that needs no calibration)."""
     from .api import _capture
     from .capture import record_input_stats, stream_blocks
     from .pruning import PRUNERS
@@ -235,8 +240,9 @@ def build_database(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGri
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
     acts = _capture(model, fit, device, config) if pruner.needs_calibration else None
+    sequential = config.search.database == "sequential"
     collector = None
-    if pass1 is not None and acts is not None:
+    if pass1 is not None and acts is not None and not sequential:
         from .pass1 import Collector
 
         collector = Collector(acts, device, pass1[0], pass1[1])
@@ -254,16 +260,30 @@ def build_database(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGri
             if acts is not None:
                 hooks = collector.start_block(step, own_stats=False) if collector is not None else None
                 stats = record_input_stats(step, pruner.needs_norms or wanda_stats, pruner.needs_hessian,
-                                           keep_outputs=True, hooks=hooks)
+                                           keep_outputs=not sequential, hooks=hooks)
                 if collector is not None:
                     collector.end_block(step, stats if wanda_stats else None)
             _store_levels(db, step, stats, pruner, config, [(o, level_pattern(config, grid, o)) for o in offsets])
             for st in stats.values():
                 st.forget_derived()
+            if sequential and acts is not None:
+                _advance_pruned(db, step)
     marker.write_text(json.dumps({"key": key, "content": _db_fingerprint(model, fit, config, grid, with_compute=False),
                                   "levels": offsets}))
     db.pass1 = collector.result() if collector is not None else None
     return db
+
+
+def _advance_pruned(db: LevelDatabase, step) -> None:
+    """The block's outputs with its level 0 (the target, as a uniform prune) written in, kept as the
+    stream's next inputs; the dense weights are put back."""
+    dense = {ref.name: ref.weight_oi.detach().clone() for ref in step.linears}
+    try:
+        assemble_block(db, step.index, 0, step.linears)
+        step.outputs = step.run()
+    finally:
+        for ref in step.linears:
+            ref.write_(dense[ref.name])
 
 
 def open_database(model, fit: torch.Tensor, config: PruneConfig, directory: Path) -> LevelDatabase:
@@ -615,6 +635,7 @@ def run(model, calibration: torch.Tensor, config: PruneConfig, data: Optional[di
         sparsity = [grid.sparsity(j) for j in chosen]
         record = {
             "fitness": opts.fitness,
+            "database": opts.database,
             "grid": {"step": grid.step, "span": grid.span, "levels": [grid.sparsity(j) for j in grid.offsets()],
                      "pattern": str(config.parsed_pattern)},
             "budget_window_forwards": budget,

@@ -40,7 +40,7 @@ def test_prune_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
 def test_prune_cli_searched_allocation(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "searched"
     code = main(_prune_args(tiny_model_dir, out, "--allocation", "search", "--sparsity", "0.6", "--search-budget",
-                            "40", "--search-offspring", "4", "--als-tokens", "32"))
+                            "40", "--search-offspring", "4", "--als-tokens", "32", "--search-database", "sequential"))
     captured = capsys.readouterr()
     assert code == 0, captured.err
     summary = json.loads(captured.out)
@@ -48,6 +48,7 @@ def test_prune_cli_searched_allocation(tiny_model_dir, tmp_path, capsys):
     report = json.loads((out / "alsparse_report.json").read_text())
     record = report["allocation"]["diagnostics"]["search"]
     assert record["budget_window_forwards"] == 40 and record["window_forwards"] <= 40
+    assert record["database"] == "sequential"
     assert (out / "search_fitness.png").is_file() and (out / "search_allocation.png").is_file()
 
 
@@ -68,6 +69,7 @@ BAD = [
     (["--allocation", "bogus"], "choose one of:"),
     (["--allocation", "search", "--search-step", "0.5"], "step and span"),
     (["--allocation", "search", "--search-fitness", "l2"], "--search-fitness: invalid choice: 'l2'"),
+    (["--allocation", "search", "--search-database", "pruned"], "--search-database: invalid choice: 'pruned'"),
     (["--als-level", "bogus"], "als level"),
     (["--allocation", "als", "--als-bounds", "absolute"], "needs s_min and s_max"),
     (["--allocation", "als", "--als-bounds", "absolute", "--als-smin", "0.6", "--als-smax", "0.8"], "infeasible"),

@@ -47,11 +47,13 @@ def _record(report):
     return report.to_dict()["allocation"]["diagnostics"]["search"]
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
-def test_the_search_protects_the_fragile_block_and_beats_every_warm_start(method):
+@pytest.mark.parametrize("method,database", [("wanda", "dense"), ("sparsegpt", "dense"), ("magnitude", "dense"),
+                                             ("sparsegpt", "sequential")])
+def test_the_search_protects_the_fragile_block_and_beats_every_warm_start(method, database):
     model, ids = _planted()
-    report = prune_(model, ids, _config(method, budget=600))
+    report = prune_(model, ids, _config(method, budget=600, database=database))
     record = _record(report)
+    assert record["database"] == database
     warm = {w["name"]: w["fitness"] for w in record["warm_starts"]}
     assert {"uniform", "owl"} <= set(warm) and any(n.startswith("als(") for n in warm)
     assert any(n.startswith("atp(") for n in warm)
@@ -416,3 +418,44 @@ def test_pass1_on_the_databases_stream_equals_a_pass1_of_its_own(tmp_path, metho
         for key, value in apart.items():
             assert torch.equal(data[key], value) if isinstance(value, torch.Tensor) else data[key] == value
     assert found_a == found_b and record_a["search"]["trace"] == record_b["search"]["trace"]
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_a_sequential_database_holds_the_uniform_sequential_prune_and_leaves_the_model_dense(tmp_path, method):
+    """database="sequential": each block's level 0 is what a uniform sequential prune at the target
+    gives (its inputs come from the pruned blocks before it), the other levels are pruned from those
+    same inputs, and the model is dense again afterwards. (At 50% every linear's count is exact, so
+    the uniform prune tops up no weight the database's floored count leaves.)"""
+    import copy
+    import dataclasses
+
+    model, ids = _planted()
+    fit, _ = strength.split(ids)
+    config = dataclasses.replace(_config(method, database="sequential"), sparsity=0.5)
+    grid = search.level_grid(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    db = search.build_database(model, fit, config, grid, torch.device("cpu"), tmp_path / "db")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the model was left pruned"
+    uniform = copy.deepcopy(model)
+    prune_(uniform, fit, PruneConfig(method=method, sparsity=0.5, compute_dtype="float32"))
+    dense_db = search.build_database(model, fit, dataclasses_replace(config, database="dense"), grid,
+                                     torch.device("cpu"), tmp_path / "dense")
+    differs = False
+    for b, (block, pruned) in enumerate(zip(decoder_blocks(model), decoder_blocks(uniform))):
+        dense = {ref.name: ref.weight_oi.detach() for ref in find_linears(block)}
+        level0 = db.weights(b, 0, dense)
+        for ref in find_linears(pruned):
+            assert torch.equal(level0[ref.name], ref.weight_oi.detach()), f"block {b} {ref.name}"
+        for offset in grid.offsets():
+            seq, den = db.weights(b, offset, dense), dense_db.weights(b, offset, dense)
+            if b == 0:  # the first block's inputs are the dense model's either way
+                assert all(torch.equal(seq[k], den[k]) for k in seq)
+            else:
+                differs |= any(not torch.equal(seq[k], den[k]) for k in seq)
+    assert differs, "the later blocks' levels did not see the pruned inputs"
+
+
+def dataclasses_replace(config, **search_options):
+    import dataclasses
+
+    return dataclasses.replace(config, search=dataclasses.replace(config.search, **search_options))

@@ -345,7 +345,8 @@ def test_search_grid_file_plans_the_issue_rows():
     ablations = {(c.name, c.prune.method, c.allocator_label) for c in pruned if c.name}
     assert ablations == {("budget", "wanda", "search (budget=96)"), ("budget", "wanda", "search (budget=192)"),
                          ("budget", "wanda", "search (budget=768)"), ("fitness", "wanda", "search (fitness=kl)"),
-                         ("final", "wanda", "search (final=sequential)"), ("final", "sparsegpt", "search (final=assembled)")}
+                         ("final", "wanda", "search (final=sequential)"), ("final", "sparsegpt", "search (final=assembled)"),
+                         ("database", "sparsegpt", "search (database=sequential)")}
     budget_96 = next(c for c in pruned if c.search.get("budget") == 96)
     assert budget_96.prune.search.budget == 96
     assert budget_96.config()["search"] == {"budget": 96, "final": "assembled"}  # Wanda's default way, named

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import sweep_cli
+from .config import SEARCH_DATABASES
 from .fsmodes import write_json_atomic
 from .locks import InUseError
 
@@ -189,7 +190,7 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
                    help="the final model: auto (default): assembled for magnitude and Wanda, sequential for "
                         "SparseGPT | sequential: pruned again block after block with the found ratios | "
                         "assembled: from the level database, i.e. the model the search scored (no further pass)")
-    g.add_argument("--search-database", default="dense", choices=("dense", "sequential"),
+    g.add_argument("--search-database", default="dense", choices=SEARCH_DATABASES,
                    help="the inputs each block's levels are pruned from: dense (default): the dense model's | "
                         "sequential: the model's pruned uniformly at the target block by block")
 

@@ -438,7 +438,7 @@ def test_a_sequential_database_holds_the_uniform_sequential_prune_and_leaves_the
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the model was left pruned"
     uniform = copy.deepcopy(model)
     prune_(uniform, fit, PruneConfig(method=method, sparsity=0.5, compute_dtype="float32"))
-    dense_db = search.build_database(model, fit, dataclasses_replace(config, database="dense"), grid,
+    dense_db = search.build_database(model, fit, dataclasses.replace(_config(method), sparsity=0.5), grid,
                                      torch.device("cpu"), tmp_path / "dense")
     differs = False
     for b, (block, pruned) in enumerate(zip(decoder_blocks(model), decoder_blocks(uniform))):
@@ -454,8 +454,3 @@ def test_a_sequential_database_holds_the_uniform_sequential_prune_and_leaves_the
                 differs |= any(not torch.equal(seq[k], den[k]) for k in seq)
     assert differs, "the later blocks' levels did not see the pruned inputs"
 
-
-def dataclasses_replace(config, **search_options):
-    import dataclasses
-
-    return dataclasses.replace(config, search=dataclasses.replace(config.search, **search_options))

@@ -190,9 +190,10 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
                    help="the final model: auto (default): assembled for magnitude and Wanda, sequential for "
                         "SparseGPT | sequential: pruned again block after block with the found ratios | "
                         "assembled: from the level database, i.e. the model the search scored (no further pass)")
-    g.add_argument("--search-database", default="dense", choices=SEARCH_DATABASES,
-                   help="the inputs each block's levels are pruned from: dense (default): the dense model's | "
-                        "sequential: the model's pruned uniformly at the target block by block")
+    g.add_argument("--search-database", default="auto", choices=SEARCH_DATABASES,
+                   help="the inputs each block's levels are pruned from: auto (default): dense for magnitude "
+                        "and Wanda, sequential for SparseGPT | dense: the dense model's | sequential: the "
+                        "model's pruned uniformly at the target block by block")
 
 
 def _search_options(args):

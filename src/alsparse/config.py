@@ -110,7 +110,7 @@ class BaselineOptions:
 
 
 SEARCH_FINALS = ("auto", "sequential", "assembled")
-SEARCH_DATABASES = ("dense", "sequential")  # the inputs each block's levels are pruned from
+SEARCH_DATABASES = ("auto", "dense", "sequential")  # the inputs each block's levels are pruned from
 MASK_PRUNERS = ("magnitude", "wanda")  # their pruned weight is the dense weight with a mask applied
 
 
@@ -120,6 +120,15 @@ def search_final(final: str, method: str) -> str:
     if final != "auto":
         return final
     return "assembled" if method in MASK_PRUNERS else "sequential"
+
+
+def search_database(database: str, method: str) -> str:
+    """The inputs the searched allocation's level database is pruned from: ``database`` itself, or for
+    ``auto`` the dense model's for the mask pruners and the uniformly pruned model's (sequential) for
+    the others (SparseGPT, whose weight update is fitted to the inputs it is given)."""
+    if database != "auto":
+        return database
+    return "dense" if method in MASK_PRUNERS else "sequential"
 
 
 @dataclass(frozen=True)
@@ -135,10 +144,11 @@ class SearchOptions:
     model the search scored, no further pass), or ``auto`` (default): assembled for the mask
     pruners (magnitude, Wanda), sequential for SparseGPT, whose weight update gains from the pruned
     blocks' inputs (the evidence on held-out calibration windows: docs/ALLOCATION.md).
-    ``database``: the inputs each block's levels are pruned from: the dense model's (``dense``,
-    default, as EvoPress) or those of the model pruned uniformly at the target block by block
-    (``sequential``: the statistics a sequential prune near the target sees; pass 1 then runs apart
-    on the dense stream)."""
+    ``database``: the inputs each block's levels are pruned from: the dense model's (``dense``, as
+    EvoPress), those of the model pruned uniformly at the target block by block (``sequential``: the
+    statistics a sequential prune near the target sees; pass 1 then runs apart on the dense stream),
+    or ``auto`` (default): dense for the mask pruners, sequential for SparseGPT (the evidence on
+    held-out calibration windows: docs/ALLOCATION.md, item 1)."""
 
     budget: Optional[int] = None
     step: float = 0.05
@@ -149,7 +159,7 @@ class SearchOptions:
     fitness: str = "loss"  # loss: next-token NLL | kl: KL(dense || candidate) over the vocabulary
     warm_start: tuple[str, ...] = ("uniform", "als", "owl", "atp")
     final: str = "auto"  # auto | sequential | assembled
-    database: str = "dense"  # dense | sequential
+    database: str = "auto"  # auto | dense | sequential
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple((int(a), int(b), None if c is None else int(c)) for a, b, c in self.stages))

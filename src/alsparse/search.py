@@ -62,7 +62,7 @@ from .allocation.evolution import (
     quantize,
     size_groups,
 )
-from .config import MASK_PRUNERS, Pattern, PruneConfig, search_final
+from .config import MASK_PRUNERS, Pattern, PruneConfig, search_database, search_final
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,8 @@ def _db_fingerprint(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGr
 
     parts = {"model": model_fingerprint(model), "fit": fingerprint(fit), "method": config.method,
              "grid": dataclasses.asdict(grid), "pattern": str(config.parsed_pattern), "damp": config.sparsegpt_damp,
-             "blocksize": config.sparsegpt_blocksize, "inputs": config.search.database}
+             "blocksize": config.sparsegpt_blocksize,
+             "inputs": search_database(config.search.database, config.method)}
     if with_compute:
         parts["compute"] = compute.name(compute.active())
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -220,7 +221,7 @@ def _db_fingerprint(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGr
 def build_database(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGrid, device, directory: Path,
                    pass1=None) -> LevelDatabase:
     """Every block pruned at every level, stored: from the dense model's inputs (fit windows), or with
-    ``config.search.database == "sequential"`` from the inputs of the model pruned uniformly at the
+    a sequential database (``config.search.database``, ``auto`` resolved per pruner) from the inputs of the model pruned uniformly at the
     target block by block (each block's level 0 written for its forward, then the dense weights put
     back: the model leaves dense). ``pass1``: ``(config, needs)`` of a pass 1 to collect on the same
     dense stream (the blocks then run once for both; its result is ``db.pass1``, None when no dense
@@ -240,7 +241,7 @@ def build_database(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGri
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
     acts = _capture(model, fit, device, config) if pruner.needs_calibration else None
-    sequential = config.search.database == "sequential"
+    sequential = search_database(config.search.database, config.method) == "sequential"
     collector = None
     if pass1 is not None and acts is not None and not sequential:
         from .pass1 import Collector
@@ -635,7 +636,7 @@ def run(model, calibration: torch.Tensor, config: PruneConfig, data: Optional[di
         sparsity = [grid.sparsity(j) for j in chosen]
         record = {
             "fitness": opts.fitness,
-            "database": opts.database,
+            "database": search_database(opts.database, config.method),
             "grid": {"step": grid.step, "span": grid.span, "levels": [grid.sparsity(j) for j in grid.offsets()],
                      "pattern": str(config.parsed_pattern)},
             "budget_window_forwards": budget,

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .api import prune_  # a module attribute: tests count the prunes through it
-from .config import ALSOptions, BaselineOptions, Pattern, PruneConfig, SearchOptions, search_final
+from .config import ALSOptions, BaselineOptions, Pattern, PruneConfig, SearchOptions, search_database, search_final
 from .results import read_records
 
 log = logging.getLogger(__name__)
@@ -114,11 +114,12 @@ class Cell:
         """'als', 'als (solver=qp)': the allocation with the options that differ from the defaults."""
         if self.kind == "dense":
             return "dense"
-        search = {k: v for k, v in self.search.items() if k != "final"}
+        search = {k: v for k, v in self.search.items() if k not in _RESOLVED_PER_PRUNER}
         if self.prune.allocation == "search":
-            way = search_final(self.prune.search.final, self.prune.method)
-            if way != search_final("auto", self.prune.method):
-                search["final"] = way
+            for key, resolve in _RESOLVED_PER_PRUNER.items():
+                way = resolve(getattr(self.prune.search, key), self.prune.method)
+                if way != resolve("auto", self.prune.method):
+                    search[key] = way
         opts = {**self.als, **self.baselines, **search}
         extra = ", ".join(f"{k}={v}" for k, v in opts.items())
         return f"{self.prune.allocation} ({extra})" if extra else self.prune.allocation
@@ -446,10 +447,13 @@ def _make_cell(where, name, model, dtype, batch_size, offload, eval_cfg, seed, c
     als_kept = {k: v for k, v in als.items() if _relevant(f"als.{k}", allocation) and getattr(defaults_als, k) != v}
     base_kept = {k: v for k, v in base.items()
                  if _relevant(f"baselines.{k}", allocation) and getattr(defaults_base, k) != v}
-    search_kept = {k: v for k, v in search.items()
-                   if k != "final" and _relevant(f"search.{k}", allocation) and getattr(SearchOptions(), k) != v}
-    if allocation == "search" and search_final(config.search.final, method) != _IDENTITY_FINAL:
-        search_kept["final"] = search_final(config.search.final, method)
+    search_kept = {k: v for k, v in search.items() if k not in _RESOLVED_PER_PRUNER
+                   and _relevant(f"search.{k}", allocation) and getattr(SearchOptions(), k) != v}
+    if allocation == "search":
+        for key, resolve in _RESOLVED_PER_PRUNER.items():
+            way = resolve(getattr(config.search, key), method)
+            if way != _IDENTITY_SEARCH[key]:
+                search_kept[key] = way
     varied = {k: combo[k] for k, values in axes.items() if len(values) > 1 and _relevant(k, allocation)}
     return Cell("pruned", model, dtype, eval_cfg, name, config, calib, als_kept, base_kept, varied, search=search_kept)
 
@@ -459,12 +463,14 @@ def _make_cell(where, name, model, dtype, batch_size, offload, eval_cfg, seed, c
 # so in a sweep file an unnamed solver stays the LP and graded ALS is "als (solver=graded)": old
 # ids and labels keep their meaning (docs/SWEEPS.md).
 _IDENTITY_ALS = ALSOptions(solver="lp")
-# The searched allocation's final model was made sequentially for every pruner when the first search
-# cells were recorded (search: {}); a cell's identity names the way its final model is made (auto
-# resolved per pruner) only when it is not that, so a SparseGPT cell keeps its id and a Wanda one,
-# now assembled by default, gets a new one. Its label names the way only when it is not the
-# pruner's default (docs/SWEEPS.md).
-_IDENTITY_FINAL = "sequential"
+# The searched allocation's options whose ``auto`` resolves per pruner: when the first search cells
+# were recorded (search: {}) every pruner's final model was made sequentially from a level database
+# of dense inputs. A cell's identity names such an option (auto resolved) only when it differs from
+# that, so cells keep their ids while their work is unchanged and get new ones when a default moved
+# (Wanda's final model, now assembled; SparseGPT's database, now sequential). A label names it only
+# when it is not the pruner's default (docs/SWEEPS.md).
+_RESOLVED_PER_PRUNER = {"final": search_final, "database": search_database}
+_IDENTITY_SEARCH = {"final": "sequential", "database": "dense"}
 
 
 def _eval_identity(eval_cfg: Mapping[str, Any]) -> dict[str, Any]:

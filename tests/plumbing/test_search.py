@@ -47,13 +47,15 @@ def _record(report):
     return report.to_dict()["allocation"]["diagnostics"]["search"]
 
 
-@pytest.mark.parametrize("method,database", [("wanda", "dense"), ("sparsegpt", "dense"), ("magnitude", "dense"),
-                                             ("sparsegpt", "sequential")])
-def test_the_search_protects_the_fragile_block_and_beats_every_warm_start(method, database):
+@pytest.mark.parametrize("method,database,inputs", [("wanda", "auto", "dense"), ("sparsegpt", "dense", "dense"),
+                                                    ("magnitude", "auto", "dense"), ("sparsegpt", "auto", "sequential")])
+def test_the_search_protects_the_fragile_block_and_beats_every_warm_start(method, database, inputs):
+    """(``auto``, the default database: the dense model's inputs for the mask pruners, the uniformly
+    pruned model's for SparseGPT.)"""
     model, ids = _planted()
     report = prune_(model, ids, _config(method, budget=600, database=database))
     record = _record(report)
-    assert record["database"] == database
+    assert record["database"] == inputs
     warm = {w["name"]: w["fitness"] for w in record["warm_starts"]}
     assert {"uniform", "owl"} <= set(warm) and any(n.startswith("als(") for n in warm)
     assert any(n.startswith("atp(") for n in warm)
@@ -403,7 +405,7 @@ def test_pass1_on_the_databases_stream_equals_a_pass1_of_its_own(tmp_path, metho
     from alsparse.pass1 import collect
 
     model, ids = _planted()
-    config = _config(method, budget=36)
+    config = _config(method, budget=36, database="dense")  # a sequential database streams no dense pass
     fit, _ = strength.split(ids)
     pass1_config, needs = _pass1_on_fit_windows(config, ids), allocation_needs(config)
     apart = collect(model, _capture(model, fit, torch.device("cpu"), config), torch.device("cpu"), pass1_config, needs)
@@ -438,7 +440,7 @@ def test_a_sequential_database_holds_the_uniform_sequential_prune_and_leaves_the
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the model was left pruned"
     uniform = copy.deepcopy(model)
     prune_(uniform, fit, PruneConfig(method=method, sparsity=0.5, compute_dtype="float32"))
-    dense_db = search.build_database(model, fit, dataclasses.replace(_config(method), sparsity=0.5), grid,
+    dense_db = search.build_database(model, fit, dataclasses.replace(_config(method, database="dense"), sparsity=0.5), grid,
                                      torch.device("cpu"), tmp_path / "dense")
     differs = False
     for b, (block, pruned) in enumerate(zip(decoder_blocks(model), decoder_blocks(uniform))):

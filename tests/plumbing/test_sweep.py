@@ -346,7 +346,8 @@ def test_search_grid_file_plans_the_issue_rows():
     assert ablations == {("budget", "wanda", "search (budget=96)"), ("budget", "wanda", "search (budget=192)"),
                          ("budget", "wanda", "search (budget=768)"), ("fitness", "wanda", "search (fitness=kl)"),
                          ("final", "wanda", "search (final=sequential)"), ("final", "sparsegpt", "search (final=assembled)"),
-                         ("database", "sparsegpt", "search (database=sequential)")}
+                         ("database", "sparsegpt", "search (database=dense)"),
+                         ("database", "sparsegpt", "search")}
     budget_96 = next(c for c in pruned if c.search.get("budget") == 96)
     assert budget_96.prune.search.budget == 96
     assert budget_96.config()["search"] == {"budget": 96, "final": "assembled"}  # Wanda's default way, named
@@ -355,10 +356,21 @@ def test_search_grid_file_plans_the_issue_rows():
     # search cells were recorded with): SparseGPT's default cells keep their ids, Wanda's do not
     searched = {(c.name, c.prune.method): c for c in pruned if c.prune.allocation == "search"
                 and c.prune.sparsity == 0.7 and c.prune.seed == 0 and c.name in (None, "final")}
-    assert searched[(None, "sparsegpt")].config().get("search") is None
     assert searched[(None, "wanda")].config()["search"] == {"final": "assembled"}
     assert searched[("final", "wanda")].config().get("search") is None
-    assert searched[("final", "sparsegpt")].config()["search"] == {"final": "assembled"}
+    # SparseGPT's level database is in the identity unless it is dense (the first cells' inputs): its
+    # default cells, now sequential, are the [database] ablation's sequential work, its dense ones the
+    # work the main grid's SparseGPT cells were recorded with (search: {})
+    assert searched[(None, "sparsegpt")].config()["search"] == {"database": "sequential"}
+    assert searched[("final", "sparsegpt")].config()["search"] == {"final": "assembled", "database": "sequential"}
+    database = {(c.prune.sparsity, c.prune.seed, c.allocator_label): c for c in pruned if c.name == "database"}
+    assert len(database) == 12
+    main = {(c.prune.sparsity, c.prune.seed): c for c in main_grid
+            if c.prune.method == "sparsegpt" and c.prune.allocation == "search"}
+    for (sparsity, seed), cell in main.items():  # the same prune (the main grid adds zero-shot at 70%)
+        assert cell.config() == database[(sparsity, seed, "search")].config()
+        assert (cell.work_key == database[(sparsity, seed, "search")].work_key) == (sparsity != 0.7)
+        assert database[(sparsity, seed, "search (database=dense)")].config().get("search") is None
     assert len({c.id for c in spec.cells}) == len(spec.cells)
 
 

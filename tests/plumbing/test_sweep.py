@@ -340,7 +340,7 @@ def test_search_grid_file_plans_the_issue_rows():
     for cell in pruned:
         assert cell.eval["ppl"] == ["wikitext2", "ptb"] and cell.eval["limit"] == 40
         like_main = (cell.name is None or (cell.name == "final" and cell.prune.method == "wanda")
-                     or (cell.name == "database" and cell.prune.search.database == "dense"))  # refiled main cells
+                     or (cell.name == "database" and cell.prune.sparsity == 0.7))  # the main grid's work
         assert bool(cell.eval["tasks"]) == (cell.prune.sparsity == 0.7 and like_main)
         assert not cell.search or cell.prune.allocation == "search"
     ablations = {(c.name, c.prune.method, c.allocator_label) for c in pruned if c.name}
@@ -348,7 +348,8 @@ def test_search_grid_file_plans_the_issue_rows():
                          ("budget", "wanda", "search (budget=768)"), ("fitness", "wanda", "search (fitness=kl)"),
                          ("final", "wanda", "search (final=sequential)"),
                          ("final", "sparsegpt", "search (final=assembled, database=dense)"),
-                         ("database", "sparsegpt", "search (database=dense)"), ("database", "sparsegpt", "search")}
+                         ("database", "sparsegpt", "search (database=dense)"), ("database", "sparsegpt", "search"),
+                         ("database_first", "sparsegpt", "search")}
     budget_96 = next(c for c in pruned if c.search.get("budget") == 96)
     assert budget_96.prune.search.budget == 96
     assert budget_96.config()["search"] == {"budget": 96, "final": "assembled"}  # Wanda's default way, named
@@ -365,16 +366,16 @@ def test_search_grid_file_plans_the_issue_rows():
     assert searched[(None, "sparsegpt")].config()["search"] == {"database": "sequential"}
     assert searched[("final", "sparsegpt")].config()["search"] == {"final": "assembled"}  # recorded dense
     database = {(c.prune.sparsity, c.prune.seed, c.allocator_label): c for c in pruned if c.name == "database"}
-    assert len(database) == 10
+    assert len(database) == 12
     main = {(c.prune.sparsity, c.prune.seed): c for c in main_grid
             if c.prune.method == "sparsegpt" and c.prune.allocation == "search"}
     for (sparsity, seed), cell in main.items():
         dense = database[(sparsity, seed, "search (database=dense)")]
         assert dense.config().get("search") is None and dense.eval == cell.eval  # the first cells' work
-        sequential = database.get((sparsity, seed, "search"))
-        if sequential is not None:  # the same prune; the main grid adds zero-shot at 70%
-            assert sequential.config() == cell.config()
-            assert (sequential.work_key == cell.work_key) == (sparsity != 0.7)
+        assert database[(sparsity, seed, "search")].work_key == cell.work_key  # the default's work
+        assert dense.varied == {"search.database": "dense"}
+    first = [c for c in pruned if c.name == "database_first"]
+    assert len(first) == 2 and all(c.config() == main[(0.7, c.prune.seed)].config() for c in first)
     assert searched[("final", "sparsegpt")].allocator_label == "search (final=assembled, database=dense)"
     assert len({c.id for c in spec.cells}) == len(spec.cells)
 

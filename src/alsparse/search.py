@@ -220,9 +220,9 @@ def _db_fingerprint(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGr
 
 def build_database(model, fit: torch.Tensor, config: PruneConfig, grid: LevelGrid, device, directory: Path,
                    pass1=None) -> LevelDatabase:
-    """Every block pruned at every level, stored: from the dense model's inputs (fit windows), or with
-    a sequential database (``config.search.database``, ``auto`` resolved per pruner) from the inputs of the model pruned uniformly at the
-    target block by block (each block's level 0 written for its forward, then the dense weights put
+    """Every block pruned at every level, stored: from the dense model's inputs (fit windows), or for
+    a sequential database (``config.search.database``, ``auto`` resolved per pruner) from the inputs
+    of the model pruned uniformly at the target block by block (each block's level 0 written for its forward, then the dense weights put
     back: the model leaves dense). ``pass1``: ``(config, needs)`` of a pass 1 to collect on the same
     dense stream (the blocks then run once for both; its result is ``db.pass1``, None when no dense
     stream ran: a sequential database, one reused from disk, or a pruner that needs no calibration)."""

@@ -440,8 +440,8 @@ def test_a_sequential_database_holds_the_uniform_sequential_prune_and_leaves_the
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the model was left pruned"
     uniform = copy.deepcopy(model)
     prune_(uniform, fit, PruneConfig(method=method, sparsity=0.5, compute_dtype="float32"))
-    dense_db = search.build_database(model, fit, dataclasses.replace(_config(method, database="dense"), sparsity=0.5), grid,
-                                     torch.device("cpu"), tmp_path / "dense")
+    dense_config = dataclasses.replace(_config(method, database="dense"), sparsity=0.5)
+    dense_db = search.build_database(model, fit, dense_config, grid, torch.device("cpu"), tmp_path / "dense")
     differs = False
     for b, (block, pruned) in enumerate(zip(decoder_blocks(model), decoder_blocks(uniform))):
         dense = {ref.name: ref.weight_oi.detach() for ref in find_linears(block)}
